@@ -1,0 +1,147 @@
+"""The LightningModule: next-token loss, AdamW with the spec's schedule, logging (spec §3)."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MeanMetric
+
+from quest_pl.model import Llama, LlamaConfig
+
+
+def warmup_cosine(
+    step: int, total: int, warmup_frac: float = 0.1, init_div: float = 100.0, final_frac: float = 0.1
+) -> float:
+    """LR multiplier of spec §3 (OneCycleLR with cosine annealing): a cosine warmup from ``1/init_div`` to 1 over the
+    first ``floor(warmup_frac * total)`` steps, then a cosine decay to ``final_frac`` at the last step."""
+    warmup = math.floor(warmup_frac * total)
+    if step < warmup:
+        start = 1.0 / init_div
+        return start + (1.0 - start) * (1.0 - math.cos(math.pi * step / warmup)) / 2.0
+    progress = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
+    return final_frac + (1.0 - final_frac) * (1.0 + math.cos(math.pi * progress)) / 2.0
+
+
+class LMModule(L.LightningModule):
+    """Wraps a :class:`~quest_pl.model.Llama` (optionally quantized by ``quest_pl.quant``).
+
+    All arguments are plain dicts and numbers, so checkpoints load with ``weights_only=True``: ``model`` holds
+    :class:`~quest_pl.model.LlamaConfig` fields, ``quant`` the ``quant`` config group (``None`` or ``grid: null``:
+    full precision). LSQ/PACT parameters get their own optimizer group (``optim.quant_lr_scale``,
+    ``optim.quant_weight_decay``).
+    """
+
+    def __init__(
+        self,
+        model: dict,
+        optim: dict,
+        quant: dict | None = None,
+        compile: bool = False,
+        max_steps: int = 1000,
+        tokens_per_step: int = 1,
+    ):
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        from quest_pl.quant import QuantConfig, quantize_model
+
+        model_cfg = LlamaConfig(**model)
+        self.model = Llama(model_cfg)
+        self.quant = QuantConfig.from_cfg(quant, model_cfg)
+        if self.quant is not None:
+            quantize_model(self.model, self.quant)
+        # Not a submodule attribute: the checkpoint holds the eager model's keys only, compiled or not.
+        object.__setattr__(self, "compiled", torch.compile(self.model) if compile else None)
+        self.val_loss = MeanMetric()
+        self._last_log: tuple[float, int] | None = None
+
+    @property
+    def net(self) -> nn.Module:
+        return self.compiled if self.compiled is not None else self.model
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.net(idx)
+
+    @staticmethod
+    def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    # -- training -----------------------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        inputs, targets = batch
+        loss = self.loss_fn(self(inputs), targets)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        step = self.trainer.global_step
+        tokens = step * self.hparams.tokens_per_step
+        if step % self.trainer.log_every_n_steps:
+            return
+        now = time.perf_counter()
+        if self._last_log is not None and step > self._last_log[1]:
+            last_time, last_step = self._last_log
+            self.log("train/tokens_per_sec", (step - last_step) * self.hparams.tokens_per_step / (now - last_time))
+        self._last_log = (now, step)
+        self.log("train/tokens", float(tokens))
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+
+    # -- validation ---------------------------------------------------------------------------------------------
+    def validation_step(self, batch, batch_idx: int) -> None:
+        inputs, targets = batch
+        self.val_loss.update(self.loss_fn(self(inputs), targets), weight=targets.numel())
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
+        self.log("val/ppl", torch.exp(loss), prog_bar=True, sync_dist=False)
+
+    # -- optimisation -------------------------------------------------------------------------------------------
+    def param_groups(self) -> list[dict]:
+        """Decay (0.1) on linear weights, including ``lm_head`` (the authors' exclusion is an artefact, spec §7.21);
+        none on embeddings, norms and biases; LSQ/PACT parameters in their own group."""
+        from quest_pl.quant import is_quantizer_param
+
+        cfg = self.hparams.optim
+        linear_weights = {id(m.weight) for m in self.model.modules() if isinstance(m, nn.Linear)}
+        decay, no_decay, quant = [], [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            if is_quantizer_param(name):
+                quant.append(p)
+            elif id(p) in linear_weights:
+                decay.append(p)
+            else:
+                no_decay.append(p)
+        groups = [
+            {"params": decay, "weight_decay": cfg["weight_decay"], "lr_scale": 1.0, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0, "name": "no_decay"},
+        ]
+        if quant:
+            groups.append(
+                {
+                    "params": quant,
+                    "weight_decay": cfg["quant_weight_decay"],
+                    "lr_scale": cfg["quant_lr_scale"],
+                    "name": "quantizer",
+                }
+            )
+        for g in groups:
+            g["lr"] = cfg["lr"] * g["lr_scale"]
+        return groups
+
+    def configure_optimizers(self):
+        cfg = self.hparams.optim
+        opt = torch.optim.AdamW(self.param_groups(), lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["eps"])
+        total = self.hparams.max_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt,
+            lambda step: warmup_cosine(step, total, cfg["warmup_frac"], cfg["init_div"], cfg["final_lr_frac"]),
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}

@@ -1,0 +1,47 @@
+"""Train a Llama with quantization-aware training: ``python run.py [group=option ...] [key=value ...]``.
+
+Config groups live in ``experiments/`` (model, data, optim, trainer, callbacks, logger, quant, experiment). A user
+error (bad value, missing file, unknown option) prints one line naming the key and exits with status 2.
+"""
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from quest_pl.config import ConfigError
+from quest_pl.overrides import check_group_choices
+
+CONFIG_DIR = Path(__file__).resolve().parent / "experiments"
+log = logging.getLogger("quest_pl")
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from quest_pl.train import train
+
+    try:
+        metrics = train(cfg, HydraConfig.get().runtime.output_dir)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    print(
+        f"final val/loss={metrics['val/loss']:.4f} val/ppl={metrics['val/ppl']:.2f} after {metrics['step']} steps "
+        f"({metrics['wall_s']:.1f} s); run dir: {HydraConfig.get().runtime.output_dir}"
+    )
+    return metrics.get("val/loss")
+
+
+if __name__ == "__main__":
+    try:
+        check_group_choices(CONFIG_DIR, sys.argv[1:])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    main()

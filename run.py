@@ -29,8 +29,6 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
     print(
         f"final val/loss={metrics['val/loss']:.4f} val/ppl={metrics['val/ppl']:.2f} after {metrics['step']} steps "
         f"({metrics['wall_s']:.1f} s); run dir: {HydraConfig.get().runtime.output_dir}"

@@ -23,6 +23,7 @@ import json
 import logging
 import lzma
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -317,8 +318,8 @@ class LMDataModule(L.LightningDataModule):
             )
             try:
                 tmp.rename(cache)  # atomic: a half-written cache is never picked up
-            except OSError:  # another process finished first
-                pass
+            except OSError:  # another process (a DDP rank) finished the same cache first
+                shutil.rmtree(tmp, ignore_errors=True)
         self.tokenizer = Tokenizer.from_file(str(tok_file))
         meta = json.loads((cache / "meta.json").read_text())
         self.train_tokens = np.memmap(train_file, dtype=meta["dtype"], mode="r")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -160,9 +161,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     )
     if cfg.logger.tensorboard and trainer.is_global_zero:
         write_hparams(logger, cfg)
-    trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
-    if trainer.interrupted:
-        raise KeyboardInterrupt
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
+    except SIGTERMException:  # SaveOnInterrupt has written last.ckpt; exit as a terminated process does
+        raise SystemExit(128 + signal.SIGTERM) from None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
     metrics.update(
         step=trainer.global_step,

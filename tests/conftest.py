@@ -1,0 +1,55 @@
+import os
+
+import torch
+
+# Triton's CPU interpreter must be switched on before any @triton.jit function is defined (kernels/ imports Triton
+# lazily, on its first kernel call). Only without CUDA: on a GPU the kernels run compiled, and torch.compile tests
+# cannot trace interpreted kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Shared by every test that trains: the tokenised embedded corpus is built once per session into a private cache.
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def token_cache(tmp_path_factory):
+    path = tmp_path_factory.mktemp("token_cache")
+    old = os.environ.get("QUEST_CACHE")
+    os.environ["QUEST_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("QUEST_CACHE", None)
+    else:
+        os.environ["QUEST_CACHE"] = old
+
+
+def compose(*overrides: str):
+    """The config ``python run.py OVERRIDES`` would see (Hydra compose API)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "experiments"), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+def run_cli(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    """``python run.py ARGS`` in a subprocess, from the repository root."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, **kw
+    )
+
+
+def scalars(run_dir, tag: str) -> dict[int, float]:
+    """Step -> value of a TensorBoard scalar written under ``<run_dir>/tensorboard``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(Path(run_dir) / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}

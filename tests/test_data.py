@@ -19,7 +19,7 @@ def test_embedded_corpus_is_real_text_and_split_by_document():
     assert len(val) == 2 and len(train) == 36
     assert not {d.name for d in train} & {d.name for d in val}
     # deterministic and independent of the listing order
-    train2, val2 = split_documents(list(reversed(docs)), 0.05)
+    _train2, val2 = split_documents(list(reversed(docs)), 0.05)
     assert {d.name for d in val2} == {d.name for d in val}
 
 

@@ -1,0 +1,73 @@
+"""Shared state of the learned-scale estimators (LSQ, PACT; spec §1.9, fixing §7.6).
+
+The learned scale is an `nn.Parameter` created at construction (never in forward) and initialised from the first
+batch it sees. A persistent `initialized` buffer records that, so a state_dict round trip restores the scale exactly
+and a resumed run never re-initialises. Under torch.distributed the initial value is averaged over ranks, so all DDP
+replicas start from the same scale.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from quantizers import Grid
+
+SCALE_EPS = 1e-8
+"""Floor on an initial scale (an all-zero first batch would otherwise give 0)."""
+
+
+class LearnedScale(nn.Module):
+    """Base for estimators owning one learned scale parameter of a fixed shape, named `parameter`."""
+
+    name = "learned"
+
+    def __init__(self, quantizer: Grid, shape: tuple[int, ...], parameter: str) -> None:
+        super().__init__()
+        if not getattr(quantizer, "supports_learned_scale", False):
+            raise ValueError(
+                f"estimator {self.name!r} needs a grid with an external scale; {quantizer.name!r} has none"
+            )
+        self.quantizer = quantizer
+        self.bits = quantizer.bits
+        self.levels = 2**quantizer.bits
+        self.parameter_name = parameter
+        self.register_parameter(parameter, nn.Parameter(torch.ones(shape)))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self._initialized_seen = False  # host-side copy of `initialized`, so steady-state forwards never sync
+        self.record_mask = False
+        self.last_mask: Tensor | None = None
+
+    @property
+    def learned(self) -> nn.Parameter:
+        return getattr(self, self.parameter_name)
+
+    def initial_value(self, x32: Tensor) -> Tensor:
+        """Data-dependent initial value of the learned parameter, shaped like it."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def maybe_initialize(self, x: Tensor) -> None:
+        """Initialise the learned parameter from x on the first forward, unless `initialized` says it was."""
+        if self._initialized_seen:
+            return
+        if not bool(self.initialized):
+            value = self.initial_value(x.detach().float()).clamp_min(SCALE_EPS)
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(value)
+                value /= dist.get_world_size()
+            self.learned.copy_(value)
+            self.initialized.fill_(True)
+        self._initialized_seen = True
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._initialized_seen = False
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def needs_grad(self, x: Tensor) -> bool:
+        return torch.is_grad_enabled() and (x.requires_grad or self.learned.requires_grad)
+
+    def remember(self, in_range: Tensor) -> None:
+        if self.record_mask:
+            self.last_mask = in_range

@@ -1,0 +1,156 @@
+"""Grid base class, the quantizer output record and the grid registry (spec §0, §1.2-§1.7, §8).
+
+A grid maps each row (the last dimension) to dequantized values with one scale per row: per output row for a
+weight, per token for an activation (spec §0). Arithmetic is fp32 whatever the input dtype (spec §7.12); the module
+call returns the input dtype. Grids carry no gradient rule: wrap one in an estimator (`estimators.build`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cached_property
+from typing import ClassVar, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from quantizers.gaussian import gaussian_expectation
+
+RMS_EPS = 1e-30
+"""Floor on the row RMS used for scales: sigma_hat = max(sigma, RMS_EPS). It only keeps all-zero rows finite (no 0/0);
+every row with sigma >= 1e-30 is quantized scale-equivariantly (unlike the spec's `+1e-8`, §7.13)."""
+
+
+class QuantOutput(NamedTuple):
+    """Result of `Grid.quantize`, all fp32.
+
+    values: dequantized values, shape of x. rms: per-row sigma = sqrt(mean(x^2)) over the last dim, shape (..., 1),
+    no eps. scale: per-row clip level s (outermost level magnitude), shape (..., 1).
+    """
+
+    values: Tensor
+    rms: Tensor
+    scale: Tensor
+
+
+def row_rms(x32: Tensor) -> Tensor:
+    """sigma(x) = sqrt(mean_i x_i^2) over the last dim, shape (..., 1) (spec §0: the code's "std", no mean removed)."""
+    return x32.square().mean(dim=-1, keepdim=True).sqrt()
+
+
+def safe_rms(rms: Tensor) -> Tensor:
+    """sigma_hat = max(sigma, RMS_EPS): the sigma that scales are built from."""
+    return rms.clamp_min(RMS_EPS)
+
+
+class Grid(nn.Module):
+    """A stateless per-row quantization grid.
+
+    Subclasses set `allowed_bits` (and `default_bits` if bits may be omitted), implement `_quantize(x32, rms)`, and
+    set in `__init__`: `levels` (sorted float64 levels in sigma units, None for absmax grids), `clip_level` (s/sigma,
+    None for absmax) and `default_trust` (tau in sigma units; None means a per-row rule, see `trust_threshold`).
+    """
+
+    name: ClassVar[str] = "grid"
+    allowed_bits: ClassVar[tuple] = ()
+    default_bits: ClassVar[float | None] = None
+    supports_learned_scale: ClassVar[bool] = False
+
+    levels: Tensor | None
+    clip_level: float | None
+    default_trust: float | None
+
+    def __init__(self, bits: float | None = None) -> None:
+        super().__init__()
+        self.bits = self._check_bits(bits)
+
+    @classmethod
+    def _check_bits(cls, bits: float | None) -> float:
+        bits = cls.default_bits if bits is None else bits
+        if bits not in cls.allowed_bits:
+            allowed = ", ".join(str(b) for b in cls.allowed_bits)
+            raise ValueError(f"grid {cls.name!r} does not support bits={bits}; allowed bits: {allowed}")
+        return next(b for b in cls.allowed_bits if b == bits)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Dequantized values in x's dtype (no gradient rule; see `estimators`)."""
+        return self.quantize(x).values.to(x.dtype)
+
+    def quantize(self, x: Tensor) -> QuantOutput:
+        """Quantize each row of x (last dim) in fp32; see `QuantOutput`."""
+        x32 = x.float()
+        return self._quantize(x32, row_rms(x32))
+
+    def _quantize(self, x32: Tensor, rms: Tensor) -> QuantOutput:
+        raise NotImplementedError
+
+    def quantize_with_scale(self, x: Tensor, scale: Tensor) -> QuantOutput:
+        """Quantize with an externally given clip level s (learned-scale estimators, spec §1.9)."""
+        raise NotImplementedError(f"grid {self.name!r} has no externally scaled form (supports_learned_scale=False)")
+
+    def trust_threshold(self, out: QuantOutput, trust: float | None = None) -> Tensor:
+        """Per-row trust threshold tau*sigma, shape (..., 1) (spec §1.4: sigma without eps).
+
+        tau = `trust`, else `default_trust`. Rows with sigma = 0 get +inf: an all-zero row is quantized exactly up to
+        RMS_EPS, so it keeps its gradient (a zero-initialised weight must be able to leave zero).
+        """
+        tau = self.default_trust if trust is None else trust
+        return (tau * out.rms).masked_fill(out.rms == 0, float("inf"))
+
+    # ---- Gaussian theory (large-row limit: sigma = 1 exactly) ----------------------------------------------------
+
+    @cached_property
+    def decision_boundaries(self) -> Tensor | None:
+        """Midpoints of consecutive levels (float64, sigma units): nearest-level decision boundaries."""
+        if self.levels is None:
+            return None
+        return (self.levels[1:] + self.levels[:-1]) / 2
+
+    def reference_q(self, z: Tensor) -> Tensor:
+        """Float64 reference grid map in sigma units: nearest level, ties to the larger level."""
+        return self.levels[torch.bucketize(z, self.decision_boundaries, right=True)]
+
+    def gaussian_expectation(self, fn: Callable[[Tensor, Tensor], Tensor], breakpoints=()) -> float | None:
+        """E[fn(z, q(z))] for z ~ N(0,1) (numerical, float64); None for absmax grids (depends on the row length).
+
+        `breakpoints` are extra points where fn jumps (e.g. trust thresholds), so quadrature pieces never straddle one.
+        """
+        if self.levels is None:
+            return None
+        points = [*self.decision_boundaries.tolist(), *breakpoints]
+        return gaussian_expectation(self._theory_integrand(fn), points)
+
+    def _theory_integrand(self, fn: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+        return lambda z: fn(z, self.reference_q(z))
+
+    @cached_property
+    def gaussian_mse(self) -> float | None:
+        """Theoretical relative MSE E[(q(z) - z)^2] on N(0,1) rows, integrated numerically (spec §1.2, §1.5, §1.6)."""
+        return self.gaussian_expectation(lambda z, q: (q - z).square())
+
+
+GRIDS: dict[str, type[Grid]] = {}
+"""Registry: grid name -> class. Add a grid with one file and `@register_grid("name")`."""
+
+
+def register_grid(name: str):
+    """Class decorator adding a Grid subclass to `GRIDS` under `name`."""
+
+    def decorate(cls: type[Grid]) -> type[Grid]:
+        if name in GRIDS:
+            raise ValueError(f"grid {name!r} is already registered")
+        cls.name = name
+        GRIDS[name] = cls
+        return cls
+
+    return decorate
+
+
+def build(name: str, bits: float | None = None, **kwargs) -> Grid:
+    """Build the grid registered as `name` (ValueError for an unknown name or unsupported bits)."""
+    if name not in GRIDS:
+        raise ValueError(f"unknown grid {name!r}; registered grids: {', '.join(sorted(GRIDS))}")
+    return GRIDS[name](bits=bits, **kwargs)

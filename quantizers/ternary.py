@@ -1,0 +1,25 @@
+"""`ternary`: levels {-s, 0, +s}, s = 1.2240089519030855 sigma, thresholds +-s/2, MSE 0.19017 (spec §1.3).
+
+The reference's 1.585-bit path is broken (n = 2^1.585 is not an integer); this is the correct ternary grid.
+Quantization is the nearest-level rule of `quantizers.levels`. `bits` may be None or 1.585 and reads 1.585.
+Default trust tau = s/2.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quantizers.base import register_grid
+from quantizers.levels import LevelGrid
+
+TERNARY_SCALE = 1.2240089519030855
+
+
+@register_grid("ternary")
+class Ternary(LevelGrid):
+    allowed_bits = (1.585,)
+    default_bits = 1.585
+
+    def __init__(self, bits: float | None = None) -> None:
+        super().__init__(bits)
+        self._set_levels(torch.tensor((-TERNARY_SCALE, 0.0, TERNARY_SCALE), dtype=torch.float64))

@@ -1,0 +1,330 @@
+"""Estimators: masked fractions against spec §1.4-§1.6 theory, detach-carrier equivalence (§0, §4.1), LSQ/PACT
+gradients and state (§1.9, §7.1, §7.6)."""
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import estimators
+import quantizers
+
+ALPHA = quantizers.OPTIMAL_GAUSSIAN_SCALES
+
+
+def tail2(t: float) -> float:
+    """P(|Z| > t), independent of the package's integrator."""
+    return math.erfc(t / math.sqrt(2))
+
+
+@pytest.fixture(scope="module")
+def gaussian_rows() -> torch.Tensor:
+    return torch.randn(512, 4096, generator=torch.Generator().manual_seed(0))
+
+
+def build(est, grid, bits=None, **kw):
+    return estimators.build(est, quantizer=quantizers.build(grid, bits=bits), **kw)
+
+
+def zero_grad_fraction(estimator, x) -> float:
+    x = x.clone().requires_grad_()
+    estimator(x).backward(torch.ones_like(x))
+    return float((x.grad == 0).double().mean())
+
+
+# spec §1.4 table (trust default tau; clip c = 1), §1.4 W1A1 clip scales
+SPEC_MASKED = [
+    ("trust", "gaussian_mse", 1, {}, 0.1105),
+    ("trust", "gaussian_mse", 2, {}, 0.0464),
+    ("trust", "gaussian_mse", 3, {}, 0.0191),
+    ("trust", "gaussian_mse", 4, {}, 0.00733),
+    ("clip", "gaussian_mse", 1, {}, 0.425),
+    ("clip", "gaussian_mse", 2, {}, 0.135),
+    ("clip", "gaussian_mse", 3, {}, 0.0403),
+    ("clip", "gaussian_mse", 4, {}, 0.0120),
+    ("clip", "gaussian_mse", 1, {"clip_scale": 1.3}, 0.2996),
+    ("clip", "gaussian_mse", 1, {"clip_scale": 1.25}, 0.3186),
+    ("trust", "lloyd_max", 2, {}, 0.0414),
+    ("clip", "lloyd_max", 2, {}, 0.131),
+    ("clip", "fp4", 4, {}, 0.00347),
+]
+
+
+@pytest.mark.parametrize(("est", "grid", "bits", "kw", "spec"), SPEC_MASKED)
+def test_masked_fraction_matches_spec(gaussian_rows, est, grid, bits, kw, spec):
+    estimator = build(est, grid, bits, **kw)
+    assert estimator.expected_masked_fraction() == pytest.approx(spec, rel=0.01)  # spec rounds to 3 digits
+    assert zero_grad_fraction(estimator, gaussian_rows) == pytest.approx(spec, rel=0.10)
+
+
+@pytest.mark.parametrize(("bits", "spec"), [(5, 0.00261), (6, 0.000873), (7, 0.000284), (8, 0.0000961)])
+def test_trust_expected_fraction_high_bits(bits, spec):
+    assert build("trust", "gaussian_mse", bits).expected_masked_fraction() == pytest.approx(spec, rel=0.01)
+
+
+@pytest.mark.parametrize(
+    ("est", "grid", "bits", "threshold"),
+    [
+        ("trust", "fp4", 4, 7 * 0.487079484),  # tau = a: only |z| > 6a + a is masked, no interior gaps (§1.6)
+        ("trust", "ternary", None, 1.5 * 1.2240089519030855),
+        ("clip", "lloyd_max", 4, 2.7326),
+        ("trust", "gaussian_mse", 8, ALPHA[8] * 256 / 255),
+    ],
+)
+def test_expected_fraction_is_gaussian_tail(gaussian_rows, est, grid, bits, threshold):
+    estimator = build(est, grid, bits)
+    assert estimator.expected_masked_fraction() == pytest.approx(tail2(threshold), rel=2e-4)
+    if tail2(threshold) > 1e-3:
+        assert zero_grad_fraction(estimator, gaussian_rows) == pytest.approx(tail2(threshold), rel=0.10)
+
+
+@pytest.mark.parametrize(("grid", "bits"), [("lloyd_max", 3), ("lloyd_max", 4), ("int_sparse24", 4), ("ternary", None)])
+def test_other_trust_fractions_match_own_theory(gaussian_rows, grid, bits):
+    estimator = build("trust", grid, bits)
+    assert zero_grad_fraction(estimator, gaussian_rows) == pytest.approx(estimator.expected_masked_fraction(), rel=0.1)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_default_trust_mask_is_clip_at_half_step_beyond_s(gaussian_rows, bits):
+    """Spec §1.4: the default trust mask is exactly |x| <= alpha_b sigma n/(n-1) (up to rounding at the edge)."""
+    x = gaussian_rows[:64]
+    trust = build("trust", "gaussian_mse", bits, trust=None)
+    trust.record_mask = True
+    trust(x)
+    sigma = x.square().mean(-1, keepdim=True).sqrt()
+    threshold = ALPHA[bits] * sigma * 2**bits / (2**bits - 1)
+    clear = ((x.abs() - threshold).abs() > 1e-5 * sigma).expand_as(x)
+    assert torch.equal(trust.last_mask[clear], (x.abs() <= threshold)[clear])
+
+
+def carrier(x, q, m):
+    """Spec §0 detach-carrier form: x*m + sg(q - x*m)."""
+    return x * m + (q - x * m).detach()
+
+
+@pytest.mark.parametrize(("grid", "bits"), [("gaussian_mse", 2), ("gaussian_mse", 4), ("lloyd_max", 3), ("fp4", 4)])
+def test_trust_equals_detach_carrier(grid, bits):
+    x = torch.randn(16, 256, generator=torch.Generator().manual_seed(1)) * 3
+    g = torch.randn_like(x)
+    trust = build("trust", grid, bits)
+    q = trust.quantizer(x)
+    sigma = x.square().mean(-1, keepdim=True).sqrt()
+    m = ((q - x).abs() <= trust.quantizer.default_trust * sigma).float()
+    assert 0 < m.mean() < 1
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = trust(xa), carrier(xb, q, m)
+    ya.backward(g)
+    yb.backward(g)
+    assert torch.allclose(ya, yb, atol=1e-6)
+    assert torch.equal(ya, q)
+    assert torch.equal(xa.grad, xb.grad)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_clip_equals_ste_through_clamp(bits):
+    """Spec §4.1 grad_flow check: Clip (c = 1) == STE round inside a clamp with the scale detached."""
+    x = torch.randn(16, 256, generator=torch.Generator().manual_seed(2)) * 1.5
+    g = torch.randn_like(x)
+    n = 2**bits
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya = build("clip", "gaussian_mse", bits)(xa)
+    s = (ALPHA[bits] * xb.square().mean(-1, keepdim=True).sqrt()).detach()
+    step = s * 2 / (n - 1)
+    y = torch.clamp(xb, -s, s) / step + 0.5
+    yb = ((y + (torch.round(y) - y).detach()) - 0.5) * step
+    ya.backward(g)
+    yb.backward(g)
+    assert torch.allclose(ya, yb, atol=1e-5)
+    assert torch.equal(xa.grad == 0, xb.grad == 0)
+    assert torch.allclose(xa.grad, xb.grad, rtol=1e-6, atol=0)  # the reference path divides and multiplies by step
+
+
+def test_ste_and_none_pass_everything():
+    x = torch.randn(4, 128, requires_grad=True)
+    g = torch.randn(4, 128)
+    ste = build("ste", "gaussian_mse", 1)
+    ste(x).backward(g)
+    assert torch.equal(x.grad, g)
+    assert ste.last_mask is None
+    ste.record_mask = True
+    with torch.no_grad():
+        ste(x)
+    assert ste.last_mask.dtype == torch.bool and ste.last_mask.all()
+    identity = estimators.build("none")
+    assert identity(x) is x
+    assert identity.expected_masked_fraction() == 0.0
+
+
+@pytest.mark.parametrize("est", ["ste", "clip", "trust", "lsq", "pact"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_values_and_grad_dtype(est, dtype):
+    x = torch.randn(8, 256, generator=torch.Generator().manual_seed(3)).to(dtype).requires_grad_()
+    estimator = build(est, "gaussian_mse", 4)
+    y = estimator(x)
+    assert y.dtype == dtype
+    y.sum().backward()
+    assert x.grad.dtype == dtype
+    if est in ("ste", "clip", "trust"):
+        assert torch.equal(y, estimator.quantizer(x))
+
+
+def test_record_mask_matches_gradient_and_is_off_by_default(gaussian_rows):
+    x = gaussian_rows[:32].clone().requires_grad_()
+    trust = build("trust", "gaussian_mse", 2)
+    trust(x)
+    assert trust.last_mask is None
+    trust.record_mask = True
+    trust(x).backward(torch.ones_like(x))
+    assert trust.last_mask.dtype == torch.bool and not trust.last_mask.requires_grad
+    assert torch.equal(trust.last_mask, x.grad != 0)
+
+
+def test_zero_rows_keep_their_gradient():
+    x = torch.zeros(2, 256, requires_grad=True)
+    for grid, bits in [("gaussian_mse", 4), ("gaussian_mse", 8), ("uniform", 4), ("lloyd_max", 4), ("fp4", 4)]:
+        x.grad = None
+        build("trust", grid, bits)(x).sum().backward()
+        assert (x.grad == 1).all()
+
+
+def test_uniform_absmax_trust_and_clip_mask_nothing(gaussian_rows):
+    for est in ("trust", "clip"):
+        estimator = build(est, "uniform", 4)
+        assert zero_grad_fraction(estimator, gaussian_rows[:64]) == 0.0
+        assert estimator.expected_masked_fraction() == 0.0
+
+
+# ---- LSQ ---------------------------------------------------------------------------------------------------------
+
+
+def test_lsq_init_and_state_dict_round_trip():
+    lsq = build("lsq", "gaussian_mse", 4)
+    assert [name for name, _ in lsq.named_parameters()] == ["step"]
+    assert set(lsq.state_dict()) == {"step", "initialized"}
+    x = torch.randn(64, 256, generator=torch.Generator().manual_seed(4))
+    lsq(x)
+    assert lsq.step.item() == pytest.approx(2 * x.abs().mean().item() / math.sqrt(7), rel=1e-6)
+    with torch.no_grad():
+        lsq.step.mul_(1.37)  # as if trained
+    fresh = build("lsq", "gaussian_mse", 4)
+    fresh.load_state_dict(lsq.state_dict())
+    fresh(5 * x)
+    assert torch.equal(fresh.step, lsq.step)
+    assert bool(fresh.initialized)
+
+
+def test_lsq_values_and_input_gradient():
+    lsq = build("lsq", "gaussian_mse", 3)
+    with torch.no_grad():
+        lsq.step.fill_(0.25)
+        lsq.initialized.fill_(True)
+    x = (torch.randn(101, generator=torch.Generator().manual_seed(10)) * 0.7).requires_grad_()
+    g = torch.randn(101)
+    y = lsq(x)
+    v = torch.clamp(x.detach() / 0.25 - 0.5, -4, 3)
+    assert torch.allclose(y, (torch.round(v) + 0.5) * 0.25, atol=1e-6)
+    y.backward(g)
+    in_range = x.detach().abs() <= 0.25 * 3.5
+    assert 0 < in_range.sum() < 101
+    assert torch.equal(x.grad, torch.where(in_range, g, 0.0))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_lsq_step_gradient_matches_hand_formula(bits):
+    """Spec §1.9: d out/d alpha = g (round(v) + 1/2 - x/alpha) in range, g (q_clip + 1/2) clamped; g = 1/sqrt(N Q_p)."""
+    n = 2**bits
+    q_p = max(n // 2 - 1, 1)
+    alpha = 0.3
+    lsq = build("lsq", "gaussian_mse", bits)
+    with torch.no_grad():
+        lsq.step.fill_(alpha)
+        lsq.initialized.fill_(True)
+    x = torch.randn(3, 40, generator=torch.Generator().manual_seed(5))
+    upstream = torch.randn(3, 40, generator=torch.Generator().manual_seed(6))
+    lsq(x).backward(upstream)
+    v_raw = x / alpha - 0.5
+    v = v_raw.clamp(-n // 2, n // 2 - 1)
+    clamped = (v_raw < -n // 2) | (v_raw > n // 2 - 1)
+    coeff = torch.where(clamped, v + 0.5, torch.round(v) + 0.5 - x / alpha)
+    expected = (upstream * coeff).sum() / math.sqrt(x.numel() * q_p)
+    assert lsq.step.grad.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_lsq_per_row():
+    with pytest.raises(ValueError, match="rows"):
+        build("lsq", "gaussian_mse", 2, per_row=True)
+    lsq = build("lsq", "gaussian_mse", 2, per_row=True, rows=3)
+    assert lsq.step.shape == (3, 1)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(7))
+    lsq(x).sum().backward()
+    assert torch.allclose(lsq.step.detach(), 2 * x.abs().mean(-1, keepdim=True))
+    alpha = lsq.step.detach()
+    v_raw = x / alpha - 0.5
+    v = v_raw.clamp(-2, 1)
+    coeff = torch.where((v_raw < -2) | (v_raw > 1), v + 0.5, torch.round(v) + 0.5 - x / alpha)
+    assert torch.allclose(lsq.step.grad, coeff.sum(-1, keepdim=True) / math.sqrt(64), rtol=1e-5)
+
+
+def test_lsq_initial_value_is_averaged_across_ranks(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        lsq = build("lsq", "gaussian_mse", 4)
+        x = torch.randn(8, 128)
+        lsq(x)
+        assert lsq.step.item() == pytest.approx(2 * x.abs().mean().item() / math.sqrt(7), rel=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
+# ---- PACT --------------------------------------------------------------------------------------------------------
+
+
+def test_pact_gradients():
+    pact = build("pact", "gaussian_mse", 2)
+    x = torch.randn(4, 128, generator=torch.Generator().manual_seed(8))
+    pact(x)
+    assert pact.clip.item() == pytest.approx(ALPHA[2] * x.square().mean().sqrt().item(), rel=1e-6)
+    with torch.no_grad():
+        pact.clip.fill_(1.0)
+    x = x.requires_grad_()
+    g = torch.randn(4, 128, generator=torch.Generator().manual_seed(9))
+    y = pact(x)
+    assert torch.allclose(y.detach().unique(), torch.tensor([-1.0, -1 / 3, 1 / 3, 1.0]))
+    y.backward(g)
+    inside = x.detach().abs() <= 1.0
+    assert 0 < inside.float().mean() < 1
+    assert torch.equal(x.grad, torch.where(inside, g, 0.0))
+    expected = (torch.sign(x.detach()) * g)[~inside].sum()
+    assert pact.clip.grad.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_pact_state_dict_round_trip():
+    pact = build("pact", "uniform", 4)
+    pact(torch.randn(8, 128))
+    fresh = build("pact", "uniform", 4)
+    fresh.load_state_dict(pact.state_dict())
+    fresh(torch.randn(8, 128) * 10)
+    assert torch.equal(fresh.clip, pact.clip)
+
+
+@pytest.mark.parametrize(("est", "bits", "spec"), [("pact", 4, 0.0120), ("pact", 1, 0.425)])
+def test_learned_expected_fraction_at_init(est, bits, spec):
+    assert build(est, "gaussian_mse", bits).expected_masked_fraction() == pytest.approx(spec, rel=0.01)
+    assert 0 < build("lsq", "gaussian_mse", bits).expected_masked_fraction() < 1
+
+
+# ---- build errors ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("est", "grid", "bits"), [("lsq", "lloyd_max", 2), ("pact", "fp4", 4), ("lsq", "ternary", None)]
+)
+def test_learned_scale_needs_integer_grid(est, grid, bits):
+    with pytest.raises(ValueError, match=f"{est}.*{grid}"):
+        build(est, grid, bits)
+
+
+def test_unknown_estimator_lists_registry():
+    with pytest.raises(ValueError, match=r"'erfclip'.*clip.*lsq.*none.*pact.*ste.*trust"):
+        estimators.build("erfclip", quantizer=quantizers.build("gaussian_mse", bits=4))

@@ -100,7 +100,7 @@ class QuantConfig:
             try:
                 spec.build(rows=1)
             except ValueError as e:
-                key = f"quant.{op}_bits" if get(f"{op}_bits") is not None else "quant.bits"
+                key = "quant.bits" if bits == get("bits") else f"quant.{op}_bits"
                 raise ConfigError(f"{key}={bits!r} with quant.grid={grid!r}, quant.estimator={est!r}: {e}") from None
             specs[op] = spec
         if specs["w"] is None and specs["a"] is None:

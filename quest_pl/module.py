@@ -98,8 +98,9 @@ class LMModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
         self.val_loss.reset()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
-        self.log("val/ppl", torch.exp(loss), prog_bar=True, sync_dist=False)
+        # MeanMetric.compute() already reduced over ranks; sync_dist only averages identical values.
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", torch.exp(loss), prog_bar=True, sync_dist=True)
 
     # -- optimisation -------------------------------------------------------------------------------------------
     def param_groups(self) -> list[dict]:

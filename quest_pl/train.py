@@ -116,15 +116,17 @@ def write_hparams(logger, cfg: DictConfig) -> None:
 def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Run one training job; returns the final metrics (also written to ``<run dir>/metrics.json``)."""
     validate(cfg)
-    import lightning as L
-    from lightning.pytorch.loggers import TensorBoardLogger
-
     from quest_pl.quant import QuantConfig
 
     QuantConfig.validate(cfg.quant)
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+
     # Lightning prints through its own handler; Hydra's root handler would print every line a second time.
     logging.getLogger("lightning.pytorch").propagate = False
     warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
+    # Resuming with another checkpoint cadence is fine: the checkpoint callback has no state that matters.
+    warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint need to be provided.*")
     run_dir = Path(run_dir)
     start = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -171,6 +173,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     metrics.update(
         step=trainer.global_step,
         wall_s=time.perf_counter() - start,
+        rank=trainer.global_rank,
         non_embedding_params=module.model.non_embedding_params(),
     )
     if trainer.is_global_zero:

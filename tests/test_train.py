@@ -133,3 +133,20 @@ def test_incompatible_checkpoint_is_rejected(tmp_path):
     ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
     out = run_cli("experiment=smoke", "model.n_layer=2", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'b'}")
     assert out.returncode == 2 and "incompatible" in out.stderr, out.stderr
+
+
+@pytest.mark.slow
+def test_two_process_cpu_ddp_run_finishes(tmp_path):
+    """Two gloo ranks (Lightning re-launches run.py for rank 1); ranks read disjoint slices (see test_data)."""
+    out = run_cli(
+        "experiment=smoke",
+        "quant=bf16",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        f"hydra.run.dir={tmp_path}",
+        "trainer.enable_progress_bar=false",
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("final val/loss=") == 1
+    assert len(scalars(tmp_path, "train/loss")) == 30

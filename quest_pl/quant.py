@@ -15,6 +15,8 @@ latent weight that needs no Hadamard at inference (the paper's W*A16 runs).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -106,6 +108,14 @@ class QuantConfig:
         if specs["w"] is None and specs["a"] is None:
             return None
         hadamard = mode if get("hadamard", False) else None
+        if kernel == "triton":
+            for op, spec in specs.items():
+                reason = kernel_unsupported(spec, quantizers.HADAMARD_BLOCK, hadamard is not None)
+                if spec is not None and reason:
+                    raise ConfigError(
+                        f"quant.kernel=triton: the {'weight' if op == 'w' else 'activation'} "
+                        f"quantizer has no kernel ({reason}); use quant.kernel=auto or torch"
+                    )
         if hadamard and model_cfg is not None:
             block = quantizers.HADAMARD_BLOCK
             for key, width in (("model.d_model", model_cfg.d_model), ("SwiGLU hidden size", model_cfg.ffn_hidden)):
@@ -141,22 +151,38 @@ class QuantLinear(nn.Linear):
         self.act_quant = act_quant
         self.hadamard = hadamard
         self.enabled = True
+        # Per operand: keyword arguments for kernels.quest_quantize when the fused Triton path serves it on CUDA
+        # (set by quantize_model from quant.kernel), or None for the PyTorch path.
+        self.kernel_args: dict[str, dict | None] = {"weight": None, "act": None}
+        self.kernel_mode = "torch"
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", hadamard={self.hadamard}"
 
-    def _quantize(self, t: torch.Tensor, quant: nn.Module | None) -> torch.Tensor:
+    def _quantize(self, t: torch.Tensor, quant: nn.Module | None, operand: str) -> torch.Tensor:
         if quant is None:
             return t
+        kernel_args = self.kernel_args[operand]
+        # Masks for the diagnostics come from the estimator modules: on those steps the PyTorch path runs.
+        # auto: on CUDA tensors only; triton: also on CPU tensors (Triton's interpreter, for tests).
+        if kernel_args is not None and (t.is_cuda or self.kernel_mode == "triton") and not quant.record_mask:
+            import kernels
+
+            q = kernels.quest_quantize(t, **kernel_args)
+            return quantizers.hadamard_transform(q) if self.hadamard == "full" else q
         if self.hadamard is None:
             return quant(t)
-        q = quant(quantizers.hadamard_transform(t))
-        return quantizers.hadamard_transform(q) if self.hadamard == "full" else q
+        # Rotate in fp32 so a bf16 activation is not rounded between the Hadamard and the grid (spec §7.12).
+        q = quant(quantizers.hadamard_transform(t.to(torch.promote_types(t.dtype, torch.float32))))
+        if self.hadamard == "full":
+            q = quantizers.hadamard_transform(q)
+        return q.to(t.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return F.linear(x, self.weight, self.bias)
-        return F.linear(self._quantize(x, self.act_quant), self._quantize(self.weight, self.weight_quant), self.bias)
+        x = self._quantize(x, self.act_quant, "act")
+        return F.linear(x, self._quantize(self.weight, self.weight_quant, "weight"), self.bias)
 
 
 def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
@@ -177,6 +203,11 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
                 device=module.weight.device,
                 dtype=module.weight.dtype,
             )
+            q.kernel_mode = cfg.kernel
+            q.kernel_args = {
+                "weight": _kernel_args(cfg, cfg.weight, module.in_features),
+                "act": _kernel_args(cfg, cfg.act, module.in_features),
+            }
             q.weight = module.weight
             if module.bias is not None:
                 q.bias = module.bias
@@ -184,9 +215,59 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     return model
 
 
+def kernel_unsupported(spec: OperandSpec | None, width: int, hadamard: bool) -> str | None:
+    """Why the fused Triton kernel cannot serve this operand here (``kernels.is_supported``), or None if it can."""
+    import kernels
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ok, reason = kernels.is_supported(spec.grid, spec.bits, spec.estimator, width, device, hadamard=hadamard)
+    return None if ok else reason
+
+
+def _kernel_args(cfg: QuantConfig, spec: OperandSpec | None, width: int) -> dict | None:
+    if spec is None or cfg.kernel == "torch":
+        return None
+    reason = kernel_unsupported(spec, width, cfg.hadamard is not None)
+    if reason:
+        if cfg.kernel == "triton":  # from_cfg checked the grid; a layer width can still be unsupported
+            raise ConfigError(f"quant.kernel=triton: {reason}")
+        if torch.cuda.is_available():
+            log.info(
+                "quant.kernel=auto: %s %s-bit %s uses the PyTorch path (%s)",
+                spec.grid,
+                spec.bits,
+                spec.estimator,
+                reason,
+            )
+        return None
+    return dict(
+        bits=spec.bits,
+        grid=spec.grid,
+        hadamard=cfg.hadamard is not None,
+        estimator=spec.estimator,
+        trust=spec.options.get("trust"),
+        clip_scale=spec.options.get("clip_scale", 1.0),
+    )
+
+
 def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
     """Name -> QuantLinear, in depth order (names relative to ``model``)."""
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+@contextmanager
+def full_precision(model: nn.Module) -> Iterator[None]:
+    """Bypass every quantizer and rotation of ``model`` (``QuantLinear.enabled = False``) inside the block: the
+    full-precision model at the same latent weights (spec §4.2). Each layer's flag is restored on exit."""
+    layers = list(quant_layers(model).values())
+    flags = [layer.enabled for layer in layers]
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield
+    finally:
+        for layer, flag in zip(layers, flags):
+            layer.enabled = flag
 
 
 def is_quantizer_param(name: str) -> bool:

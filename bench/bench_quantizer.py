@@ -1,0 +1,82 @@
+"""Quantizer forward and forward+backward on the GPU: fused Triton kernel vs the PyTorch reference path vs a copy.
+
+QuEST's quantizer on bf16 activations, 4-bit gaussian_mse grid, trust estimator, block-128 Hadamard (half form):
+  triton        kernels.quest_quantize (one read, one write of the values, a bit-packed mask)
+  torch         quantizers.hadamard_transform + estimators "trust" over quantizers "gaussian_mse"
+  torch.compile the same reference function compiled (--compile)
+  copy          y.copy_(x) on the same tensor: the memory floor (read + write of one bf16 tensor)
+Each cell is a ratio to the copy timed the same way in the same run, on random normal data: "eager" is the median of
+triton.testing.do_bench (CPU launch overhead included: autograd and Python dispatch can hide the GPU time of small
+calls), "graph" the median of triton.testing.do_bench_cudagraph (GPU time alone, launches replayed from a CUDA graph).
+
+    PYTHONPATH=. python bench/bench_quantizer.py [--compile]
+"""
+
+import argparse
+import time
+
+import torch
+from triton.testing import do_bench, do_bench_cudagraph
+
+import estimators
+import kernels
+import quantizers
+
+SHAPES = [(16384, 640), (16384, 2048), (16384, 4096), (65536, 2048)]
+BITS = 4
+
+
+def median_ms(fn, graph: bool) -> float:
+    if graph:
+        try:
+            return do_bench_cudagraph(fn, rep=100, return_mode="median")
+        except Exception:  # a path that cannot be captured (reported as n/a)
+            return float("nan")
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def reference_quantizer():
+    estimator = estimators.build("trust", quantizer=quantizers.build("gaussian_mse", bits=BITS))
+    return lambda x: estimator(quantizers.hadamard_transform(x))
+
+
+def triton_quantizer(x):
+    return kernels.quest_quantize(x, bits=BITS)
+
+
+def forward_backward(fn, x, grad):
+    return lambda: torch.autograd.grad(fn(x), x, grad)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--compile", action="store_true", help="also time the reference under torch.compile")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+    reference = reference_quantizer()
+    paths = {"triton": triton_quantizer, "torch": reference}
+    if args.compile:
+        paths["torch.compile"] = torch.compile(reference, dynamic=False)
+    print("| shape (bf16) | path | fwd eager | fwd graph | fwd+bwd eager | fwd+bwd graph |")
+    print("|---|---|---|---|---|---|")
+    for rows, cols in SHAPES:
+        x = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
+        grad = torch.randn_like(x)
+        copy = torch.empty_like(x)
+        t_copy = {g: median_ms(lambda copy=copy, x=x: copy.copy_(x), g) for g in (False, True)}
+        print(f"| {rows}x{cols} | copy | {t_copy[False] * 1e3:.0f} µs | {t_copy[True] * 1e3:.0f} µs | | |")
+        x_grad = x.clone().requires_grad_(True)
+        for name, fn in paths.items():
+            cells = []
+            for graph in (False, True):
+                with torch.no_grad():
+                    cells.append(median_ms(lambda fn=fn, x=x: fn(x), graph) / t_copy[graph])
+            for graph in (False, True):
+                cells.append(median_ms(forward_backward(fn, x_grad, grad), graph) / t_copy[graph])
+            print(f"| {rows}x{cols} | {name} | " + " | ".join(f"{c:.2f}x" for c in cells) + " |")
+    print("cells: time / time of the bf16 copy, same timing mode, same run")
+
+
+if __name__ == "__main__":
+    main()

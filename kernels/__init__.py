@@ -1,0 +1,220 @@
+"""Fused Triton kernels for the QuEST quantizer: block-128 Hadamard, RMS scale, grid rounding and trust / clip mask in
+one pass forward; masked transposed Hadamard in one pass backward (spec §1.3-1.8, §8 "Triton kernels").
+
+Public API:
+  fused_quantize(x, ...) -> (values, mask)  values in the rotated basis (x's dtype), mask bool, True = gradient passes
+  quest_quantize(x, ...) -> values          the same forward with the QuEST backward: grad_x = (grad ⊙ mask)·H
+  is_supported(grid, bits, estimator, width, device) -> (ok, reason)
+  unpack_mask(packed, width) -> bool mask   the kernel stores masks bit-packed (column j in bit j % 8 of byte j // 8)
+
+The kernels are registered as `torch.library` custom ops (`quest_kernels::quantize`, `quest_kernels::quantize_backward`)
+with fake and autograd implementations, so `torch.compile(fullgraph=True)` traces through them; eager calls skip the
+custom-op dispatch (a plain autograd.Function over the same kernels).
+
+They run on CUDA tensors, and on CPU tensors only under Triton's interpreter (`TRITON_INTERPRET=1`, set before Triton
+is first imported; the tests' conftest does this). Importing this package imports neither Triton nor a GPU library.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from quantizers import OPTIMAL_GAUSSIAN_SCALES, build
+
+__all__ = ["fused_quantize", "is_supported", "quest_quantize", "unpack_mask"]
+
+GRIDS = ("gaussian_mse", "fp4")
+ESTIMATORS = ("trust", "clip")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+HADAMARD_BLOCK = 128
+# Default τ per (grid, bits), the reference grids' own (half a step on gaussian_mse, α_b/(n-1); half the outermost gap
+# on fp4, a). A table built at import (about 2 ms), so that compiled code never builds a grid.
+DEFAULT_TRUST = {("gaussian_mse", b): build("gaussian_mse", bits=b).default_trust for b in OPTIMAL_GAUSSIAN_SCALES}
+DEFAULT_TRUST["fp4", 4] = build("fp4", bits=4).default_trust
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _config_error(grid: str, bits: int, estimator: str) -> str | None:
+    if grid not in GRIDS:
+        return f"grid {grid!r} has no kernel (supported: {', '.join(GRIDS)})"
+    if grid == "gaussian_mse" and bits not in OPTIMAL_GAUSSIAN_SCALES:
+        return f"gaussian_mse kernel supports bits 1..8, got {bits!r}"
+    if grid == "fp4" and bits != 4:
+        return f"fp4 grid has 4 bits, got bits={bits!r}"
+    if estimator not in ESTIMATORS:
+        return f"estimator {estimator!r} has no kernel (supported: {', '.join(ESTIMATORS)})"
+    return None
+
+
+def _width_error(width: int, hadamard: bool) -> str | None:
+    if width < 1:
+        return f"quantized dimension must be non-empty, got width {width}"
+    if hadamard and width % HADAMARD_BLOCK:
+        return f"block-{HADAMARD_BLOCK} Hadamard needs the last dimension to be a multiple of 128, got {width}"
+    return None
+
+
+def is_supported(
+    grid: str, bits: int, estimator: str, width: int, device: torch.device | str, hadamard: bool = True
+) -> tuple[bool, str]:
+    """Whether `fused_quantize` can run this configuration on `device`: (True, "ok"), or False and a one-line reason."""
+    reason = _config_error(grid, bits, estimator) or _width_error(width, hadamard)
+    if reason:
+        return False, reason
+    device_type = torch.device(device).type
+    if device_type == "cpu" and not _interpreting():
+        return False, "CPU tensors need Triton's interpreter (TRITON_INTERPRET=1 before Triton is imported)"
+    if device_type not in ("cpu", "cuda"):
+        return False, f"no kernel for device type {device_type!r}"
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return False, "CUDA is not available"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False, "triton is not installed"
+    return True, "ok"
+
+
+def _resolve(x: torch.Tensor, bits: int, grid: str, hadamard: bool, estimator: str, trust, clip_scale) -> float:
+    """Validate the call at the boundary; return the trust threshold τ (in σ units)."""
+    reason = _config_error(grid, bits, estimator) or _width_error(x.shape[-1] if x.dim() else 0, hadamard)
+    if reason:
+        raise ValueError(reason)
+    if x.dtype not in DTYPES:
+        raise ValueError(f"kernel inputs must be float32, bfloat16 or float16, got {x.dtype}")
+    return float(DEFAULT_TRUST[grid, bits] if trust is None else trust)
+
+
+def _quantize_impl(
+    x: torch.Tensor, grid: str, bits: int, hadamard: bool, estimator: str, trust: float, clip_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, packed mask (..., ceil(d/8)) uint8) for x (..., d)."""
+    if x.device.type == "cpu" and not _interpreting():
+        raise RuntimeError(
+            "kernels: CPU tensors run only under Triton's interpreter; set TRITON_INTERPRET=1 before Triton is "
+            "imported, or use the PyTorch reference quantizers"
+        )
+    from kernels import _triton
+
+    width = x.shape[-1]
+    values, mask = _triton.quantize_forward(
+        x.reshape(-1, width),
+        grid=grid,
+        n_levels=2**bits,
+        scale_coef=OPTIMAL_GAUSSIAN_SCALES.get(bits, 0.0),
+        hadamard=hadamard,
+        estimator=estimator,
+        trust=trust,
+        clip_scale=clip_scale,
+    )
+    return values.view(x.shape), mask.view(*x.shape[:-1], mask.shape[-1])
+
+
+def _quantize_backward_impl(grad: torch.Tensor, mask: torch.Tensor, hadamard: bool) -> torch.Tensor:
+    """(grad ⊙ unpack(mask))·H for grad (..., d): the QuEST gradient with respect to the quantizer's input."""
+    from kernels import _triton
+
+    width = grad.shape[-1]
+    out = _triton.quantize_backward(grad.reshape(-1, width), mask.reshape(-1, mask.shape[-1]), hadamard)
+    return out.view(grad.shape)
+
+
+# torch.compile path: custom ops with fake (shape) and autograd implementations, traced without a graph break.
+_quantize_op = torch.library.custom_op("quest_kernels::quantize", _quantize_impl, mutates_args=())
+_quantize_backward_op = torch.library.custom_op(
+    "quest_kernels::quantize_backward", _quantize_backward_impl, mutates_args=()
+)
+
+
+@_quantize_op.register_fake
+def _quantize_fake(x, grid, bits, hadamard, estimator, trust, clip_scale):
+    return x.new_empty(x.shape), x.new_empty((*x.shape[:-1], (x.shape[-1] + 7) // 8), dtype=torch.uint8)
+
+
+@_quantize_backward_op.register_fake
+def _quantize_backward_fake(grad, mask, hadamard):
+    return grad.new_empty(grad.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.hadamard = inputs[3]
+    ctx.save_for_backward(output[1])
+
+
+def _backward(ctx, grad_values, grad_mask):
+    (mask,) = ctx.saved_tensors
+    grad_x = torch.ops.quest_kernels.quantize_backward(grad_values, mask, ctx.hadamard)
+    return grad_x, None, None, None, None, None, None
+
+
+_quantize_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _QuestQuantize(torch.autograd.Function):
+    """Eager path: the same kernels without the custom-op dispatch, whose Python overhead is several times a
+    small kernel's run time."""
+
+    @staticmethod
+    def forward(ctx, x, grid, bits, hadamard, estimator, trust, clip_scale):
+        values, mask = _quantize_impl(x, grid, bits, hadamard, estimator, trust, clip_scale)
+        ctx.hadamard = hadamard
+        ctx.save_for_backward(mask)
+        ctx.mark_non_differentiable(mask)
+        return values
+
+    @staticmethod
+    def backward(ctx, grad_values):
+        (mask,) = ctx.saved_tensors
+        return _quantize_backward_impl(grad_values, mask, ctx.hadamard), None, None, None, None, None, None
+
+
+def unpack_mask(packed: torch.Tensor, width: int) -> torch.Tensor:
+    """Bit-packed mask (..., ceil(width/8)) uint8 -> bool (..., width); column j is bit j % 8 of byte j // 8."""
+    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1
+    return bits.flatten(-2)[..., :width].bool()
+
+
+def fused_quantize(
+    x: torch.Tensor,
+    bits: int = 4,
+    grid: str = "gaussian_mse",
+    hadamard: bool = True,
+    estimator: str = "trust",
+    trust: float | None = None,
+    clip_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize each row of x (last dim) in the rotated basis x_h = x·H (block-128, when `hadamard`).
+
+    The arithmetic of `quantizers` (gaussian_mse, fp4) and `estimators` (trust, clip) in fp32, σ̂ = max(σ, 1e-30):
+    gaussian_mse s = α_b σ̂, Δ = 2s/(n-1), values (clamp(floor(x_h/Δ), -n/2, n/2-1) + ½)Δ (§1.3); fp4 nearest of
+    σ̂·a·{0, ±.5, ±1, ±1.5, ±2, ±3, ±4, ±6}, s = 6aσ̂ (§1.6). Mask (True = gradient passes): trust |values - x_h| <= τσ
+    (default τ: the grid's; all-zero rows pass), clip |x_h| <= c·s (§1.4).
+    Returns values in x's dtype (rotated basis, not rotated back: the "Half" form of §1.8) and the bool mask.
+    """
+    trust = _resolve(x, bits, grid, hadamard, estimator, trust, clip_scale)
+    quantize = torch.ops.quest_kernels.quantize if torch.compiler.is_compiling() else _quantize_impl
+    values, packed = quantize(x, grid, bits, hadamard, estimator, trust, float(clip_scale))
+    return values, unpack_mask(packed, x.shape[-1])
+
+
+def quest_quantize(
+    x: torch.Tensor,
+    bits: int = 4,
+    grid: str = "gaussian_mse",
+    hadamard: bool = True,
+    estimator: str = "trust",
+    trust: float | None = None,
+    clip_scale: float = 1.0,
+) -> torch.Tensor:
+    """`fused_quantize`'s values, differentiable: grad_x = (grad ⊙ mask)·H (H symmetric), i.e. the gradient of the
+    detach carrier x_h⊙m + sg(q − x_h⊙m) of §0/§1.8. Saves only the bit-packed mask for the backward."""
+    trust = _resolve(x, bits, grid, hadamard, estimator, trust, clip_scale)
+    if torch.compiler.is_compiling():
+        return torch.ops.quest_kernels.quantize(x, grid, bits, hadamard, estimator, trust, float(clip_scale))[0]
+    return _QuestQuantize.apply(x, grid, bits, hadamard, estimator, trust, float(clip_scale))

@@ -1,0 +1,368 @@
+"""Triton kernels for the fused QuEST quantizer (spec §1.3, §1.4, §1.6, §1.8; §8 "Triton kernels").
+
+Imported lazily by `kernels` on the first kernel call: importing `kernels` then costs nothing on a machine without
+Triton, and `TRITON_INTERPRET` is read when these functions are defined (the interpreter needs it before `@triton.jit`).
+
+Forward, two variants with the same arithmetic:
+  resident   rows of up to `MAX_RESIDENT_BLOCKS`·128 columns: a program loads `BLOCK_M` whole rows as one
+             (BLOCK_M·NB, 128) tile of Hadamard blocks, so each element is read from memory once;
+  two-pass   wider rows: pass 1 sums x² over the row, pass 2 re-reads it (from L2) block by block.
+Both take σ = RMS(x) = RMS(x·H) (H orthonormal), so the reduction needs no matrix product; then per 128-column block:
+x_h = x·H on the tensor cores with fp32 accumulation, the grid, the trust / clip mask, the dequantized values stored in
+x's dtype (rotated basis) and the mask bit-packed (column j in bit j % 8 of byte j // 8).
+
+Backward: grad_x = (grad ⊙ mask)·H (H symmetric), one pass, a 2-D grid of (row block, column chunk) programs.
+
+Exact Hadamard: H = S/√128 with S the ±1 Sylvester matrix. A bf16 / fp16 element times ±1 is exact, so a 16-bit
+tensor-core product with S accumulated in fp32 is the fp32 sum; fp32 inputs are split into three bf16 parts
+(hi + mid + lo = x exactly) for the same result. Everything after the rotation is fp32.
+
+Versus the PyTorch reference (`quantizers`): σ is summed in another order and from x instead of x_h, and x/Δ is
+x·(1/Δ); each moves a value by about an fp32 ulp, so a code differs only for the ~1e-7 of elements that lie within an
+ulp of a decision boundary.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from quantizers import RMS_EPS
+from quantizers.fp4 import FP4_SCALE
+
+GRID_CODES = {"gaussian_mse": 0, "fp4": 1}
+ESTIMATOR_CODES = {"trust": 0, "clip": 1}
+# Dot operand modes. DOT_FP32: fp32 operands at full precision (the interpreter's tl.dot on bf16 is wrong);
+# DOT_NATIVE16: the 16-bit input dtype as is; DOT_SPLIT3: an fp32 input split into three exact bf16 parts.
+DOT_FP32, DOT_NATIVE16, DOT_SPLIT3 = 0, 1, 2
+_RMS_EPS = tl.constexpr(RMS_EPS)
+# Launch choices, from a sweep on H100 (bf16, 2048-65536 rows x 640-16384 columns): the resident kernel (64 Hadamard
+# blocks per program, 4 warps) only when the row is a power-of-two number of blocks (no padded lanes), up to 4096
+# columns; otherwise the two-pass kernel (64 rows, 8 warps). The backward: 64 rows x 4 blocks per program, 4 warps.
+MAX_RESIDENT_BLOCKS = 32
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _sylvester_signs(DTYPE: tl.constexpr):
+    """S[i, j] = (-1)^popcount(i & j): the 128x128 Sylvester Hadamard matrix without its 1/√128 (symmetric)."""
+    i = tl.arange(0, 128)[:, None]
+    j = tl.arange(0, 128)[None, :]
+    parity = i & j
+    parity = parity ^ (parity >> 4)
+    parity = parity ^ (parity >> 2)
+    parity = parity ^ (parity >> 1)
+    return (1 - 2 * (parity & 1)).to(DTYPE)
+
+
+@triton.jit
+def _dot_signs(x_dtype: tl.constexpr, DOT_MODE: tl.constexpr):
+    if DOT_MODE == 1:
+        return _sylvester_signs(x_dtype)
+    elif DOT_MODE == 2:
+        return _sylvester_signs(tl.bfloat16)
+    else:
+        return _sylvester_signs(tl.float32)
+
+
+@triton.jit
+def _rotate(x, signs, DOT_MODE: tl.constexpr):
+    """fp32 x·S/√128 for an (R, 128) tile x in its storage dtype; `signs` = S in the dot operand dtype."""
+    if DOT_MODE == 0:
+        acc = tl.dot(x.to(tl.float32), signs, input_precision="ieee")
+    elif DOT_MODE == 1:
+        acc = tl.dot(x, signs)
+    else:
+        hi = x.to(tl.bfloat16)
+        rest = x - hi.to(tl.float32)
+        mid = rest.to(tl.bfloat16)
+        lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+        acc = tl.dot(lo, signs)
+        acc = tl.dot(mid, signs, acc)
+        acc = tl.dot(hi, signs, acc)
+    return acc * 0.08838834764831845
+
+
+@triton.jit
+def _to_output(v, OUT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """Cast fp32 to the output dtype, rounding to nearest even (the interpreter's fp32->bf16 cast truncates)."""
+    if ROUND_BF16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + ((bits >> 16) & 1) + 0x7FFF) & 0xFFFF0000
+        v = bits.to(tl.float32, bitcast=True)
+    return v.to(OUT_DTYPE)
+
+
+@triton.jit
+def _pack_bits(keep, R: tl.constexpr):
+    """(R, 128) int32 0/1 -> (R, 16) uint8, column j in bit j % 8 of byte j // 8."""
+    weights = (1 << tl.arange(0, 8)).to(tl.int32)
+    return tl.sum(tl.reshape(keep, (R, 16, 8)) * weights[None, None, :], axis=2).to(tl.uint8)
+
+
+@triton.jit
+def _unpack_bits(packed, R: tl.constexpr):
+    """(R, 16) uint8 -> (R, 128) int32 0/1, the inverse of `_pack_bits`."""
+    bits = (packed.to(tl.int32)[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
+    return tl.reshape(bits, (R, 128))
+
+
+@triton.jit
+def _fp4_level(az, pos, boundary, level, mag):
+    # Nearest-level rounding with ties to the larger level (torch.bucketize(right=True) in `quantizers.levels`).
+    return tl.where((az > boundary) | (pos & (az == boundary)), level, mag)
+
+
+@triton.jit
+def _quantize_tile(xh, rms, scale_coef, trust, clip_scale, GRID: tl.constexpr, N_LEVELS: tl.constexpr,
+                   ESTIMATOR: tl.constexpr, A: tl.constexpr):  # fmt: skip
+    """Grid values and gradient mask (int32 0/1) for an fp32 tile x_h, rms broadcastable to it (spec §1.3-1.6)."""
+    sigma_hat = tl.maximum(rms, _RMS_EPS)
+    if GRID == 0:
+        # gaussian_mse: s = α_b σ̂, Δ = 2s/(n-1), k = clamp(floor(x_h/Δ), -n/2, n/2-1), values (k + ½)Δ.
+        scale = scale_coef * sigma_hat
+        step = scale * 2.0 / (N_LEVELS - 1)
+        code = tl.floor(xh * (1.0 / step))
+        code = tl.minimum(tl.maximum(code, -(N_LEVELS // 2)), N_LEVELS // 2 - 1)
+        values = (code + 0.5) * step
+    else:
+        # fp4: nearest of a·{0, ±.5, ±1, ±1.5, ±2, ±3, ±4, ±6} in σ̂ units, decision boundaries at the midpoints.
+        z = xh * (1.0 / sigma_hat)
+        az = tl.abs(z)
+        pos = z >= 0
+        mag = tl.zeros_like(z)
+        mag = _fp4_level(az, pos, A * 0.25, A * 0.5, mag)
+        mag = _fp4_level(az, pos, A * 0.75, A * 1.0, mag)
+        mag = _fp4_level(az, pos, A * 1.25, A * 1.5, mag)
+        mag = _fp4_level(az, pos, A * 1.75, A * 2.0, mag)
+        mag = _fp4_level(az, pos, A * 2.5, A * 3.0, mag)
+        mag = _fp4_level(az, pos, A * 3.5, A * 4.0, mag)
+        mag = _fp4_level(az, pos, A * 5.0, A * 6.0, mag)
+        values = tl.where(pos, mag, -mag) * sigma_hat
+        scale = (A * 6.0) * sigma_hat
+    if ESTIMATOR == 0:
+        # Trust |q - x_h| <= τσ, σ without eps; an all-zero row keeps its gradient (`Grid.trust_threshold`).
+        threshold = tl.where(rms == 0, float("inf"), trust * rms)
+        keep = tl.abs(values - xh) <= threshold
+    else:
+        keep = tl.abs(xh) <= clip_scale * scale
+    return values, keep.to(tl.int32)
+
+
+@triton.jit
+def _quantize_fwd_resident_kernel(
+    x_ptr, values_ptr, mask_ptr, n_rows, n_cols, stride_xm, stride_xn, stride_vm, stride_mm,
+    scale_coef, trust, clip_scale,
+    GRID: tl.constexpr, N_LEVELS: tl.constexpr, ESTIMATOR: tl.constexpr, A: tl.constexpr, HADAMARD: tl.constexpr,
+    DOT_MODE: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_M: tl.constexpr, NB: tl.constexpr,
+):  # fmt: skip
+    """BLOCK_M whole rows per program as a (BLOCK_M·NB, 128) tile: tile row r is block r % NB of row r // NB."""
+    R: tl.constexpr = BLOCK_M * NB
+    r = tl.arange(0, R)
+    rows = tl.program_id(0) * BLOCK_M + r // NB
+    cols = (r % NB)[:, None] * 128 + tl.arange(0, 128)[None, :]
+    ok = (rows < n_rows)[:, None] & (cols < n_cols)
+    rows64 = rows.to(tl.int64)[:, None]
+    x = tl.load(x_ptr + rows64 * stride_xm + cols * stride_xn, mask=ok, other=0.0)
+
+    xf = x.to(tl.float32)
+    block_sumsq = tl.reshape(tl.sum(xf * xf, axis=1), (BLOCK_M, NB))
+    row_sumsq = tl.sum(block_sumsq, axis=1)[:, None]
+    rms = tl.sqrt(tl.reshape(tl.broadcast_to(row_sumsq, (BLOCK_M, NB)), (R,)) / n_cols)[:, None]
+
+    if HADAMARD:
+        xh = _rotate(x, _dot_signs(x_ptr.dtype.element_ty, DOT_MODE), DOT_MODE)
+    else:
+        xh = xf
+    values, keep = _quantize_tile(xh, rms, scale_coef, trust, clip_scale, GRID, N_LEVELS, ESTIMATOR, A)
+    keep = keep & ok
+
+    tl.store(
+        values_ptr + rows64 * stride_vm + cols, _to_output(values, values_ptr.dtype.element_ty, ROUND_BF16), mask=ok
+    )
+    byte_cols = (r % NB)[:, None] * 16 + tl.arange(0, 16)[None, :]
+    byte_ok = (rows < n_rows)[:, None] & (byte_cols < (n_cols + 7) // 8)
+    tl.store(mask_ptr + rows64 * stride_mm + byte_cols, _pack_bits(keep, R), mask=byte_ok)
+
+
+@triton.jit
+def _quantize_fwd_two_pass_kernel(
+    x_ptr, values_ptr, mask_ptr, n_rows, n_cols, stride_xm, stride_xn, stride_vm, stride_mm,
+    scale_coef, trust, clip_scale,
+    GRID: tl.constexpr, N_LEVELS: tl.constexpr, ESTIMATOR: tl.constexpr, A: tl.constexpr, HADAMARD: tl.constexpr,
+    DOT_MODE: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """BLOCK_M rows per program of any width: a sum-of-squares pass, then a quantize pass over 128-column blocks."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = (rows < n_rows)[:, None]
+    rows64 = rows.to(tl.int64)[:, None]
+    block_cols = tl.arange(0, 128)[None, :]
+    x_rows = x_ptr + rows64 * stride_xm
+
+    sumsq = tl.zeros((BLOCK_M, 128), dtype=tl.float32)
+    for col0 in range(0, n_cols, 128):
+        cols = col0 + block_cols
+        x = tl.load(x_rows + cols * stride_xn, mask=row_ok & (cols < n_cols), other=0.0).to(tl.float32)
+        sumsq += x * x
+    rms = tl.sqrt(tl.sum(sumsq, axis=1) / n_cols)[:, None]
+
+    if HADAMARD:
+        signs = _dot_signs(x_ptr.dtype.element_ty, DOT_MODE)
+    for col0 in range(0, n_cols, 128):
+        cols = col0 + block_cols
+        ok = row_ok & (cols < n_cols)
+        x = tl.load(x_rows + cols * stride_xn, mask=ok, other=0.0)
+        if HADAMARD:
+            xh = _rotate(x, signs, DOT_MODE)
+        else:
+            xh = x.to(tl.float32)
+        values, keep = _quantize_tile(xh, rms, scale_coef, trust, clip_scale, GRID, N_LEVELS, ESTIMATOR, A)
+        keep = keep & ok
+        tl.store(values_ptr + rows64 * stride_vm + cols, _to_output(values, values_ptr.dtype.element_ty, ROUND_BF16),
+                 mask=ok)  # fmt: skip
+        byte_cols = col0 // 8 + tl.arange(0, 16)[None, :]
+        byte_ok = row_ok & (byte_cols < (n_cols + 7) // 8)
+        tl.store(mask_ptr + rows64 * stride_mm + byte_cols, _pack_bits(keep, BLOCK_M), mask=byte_ok)
+
+
+@triton.jit
+def _quantize_bwd_kernel(
+    grad_ptr, mask_ptr, out_ptr, n_rows, n_cols, stride_gm, stride_gn, stride_mm, stride_om,
+    HADAMARD: tl.constexpr, DOT_MODE: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCKS_PER_PROGRAM: tl.constexpr,
+):  # fmt: skip
+    """(grad ⊙ mask)·H for BLOCK_M rows x BLOCKS_PER_PROGRAM 128-column blocks."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = (rows < n_rows)[:, None]
+    rows64 = rows.to(tl.int64)[:, None]
+    if HADAMARD:
+        signs = _dot_signs(grad_ptr.dtype.element_ty, DOT_MODE)
+    for b in tl.static_range(BLOCKS_PER_PROGRAM):
+        col0 = (tl.program_id(1) * BLOCKS_PER_PROGRAM + b) * 128
+        cols = col0 + tl.arange(0, 128)[None, :]
+        ok = row_ok & (cols < n_cols)
+        byte_cols = col0 // 8 + tl.arange(0, 16)[None, :]
+        packed = tl.load(mask_ptr + rows64 * stride_mm + byte_cols, mask=row_ok & (byte_cols < (n_cols + 7) // 8),
+                         other=0)  # fmt: skip
+        grad = tl.load(grad_ptr + rows64 * stride_gm + cols * stride_gn, mask=ok, other=0.0)
+        # Masking before the rotation is exact in any dtype.
+        grad = tl.where(_unpack_bits(packed, BLOCK_M) != 0, grad, tl.zeros_like(grad))
+        if HADAMARD:
+            grad_x = _rotate(grad, signs, DOT_MODE)
+        else:
+            grad_x = grad.to(tl.float32)
+        tl.store(out_ptr + rows64 * stride_om + cols, _to_output(grad_x, out_ptr.dtype.element_ty, ROUND_BF16), mask=ok)
+
+
+def _dot_mode(dtype: torch.dtype) -> int:
+    if interpreting():
+        return DOT_FP32
+    return DOT_SPLIT3 if dtype == torch.float32 else DOT_NATIVE16
+
+
+def _round_bf16(dtype: torch.dtype) -> bool:
+    return interpreting() and dtype == torch.bfloat16
+
+
+def quantize_forward(
+    x2d: torch.Tensor,
+    *,
+    grid: str,
+    n_levels: int,
+    scale_coef: float,
+    hadamard: bool,
+    estimator: str,
+    trust: float,
+    clip_scale: float,
+    resident: bool | None = None,
+    tile_rows: int | None = None,
+    num_warps: int | None = None,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x2d (rows, cols), any strides -> (values (rows, cols) in x's dtype, packed mask (rows, ceil(cols/8)) uint8).
+
+    `resident`, `tile_rows` and `num_warps` override the launch heuristics; `out` takes preallocated contiguous
+    outputs (tests poison them to catch unwritten elements)."""
+    n_rows, n_cols = x2d.shape
+    if out is None:
+        values = torch.empty((n_rows, n_cols), dtype=x2d.dtype, device=x2d.device)
+        mask = torch.empty((n_rows, (n_cols + 7) // 8), dtype=torch.uint8, device=x2d.device)
+    else:
+        values, mask = out
+    if n_rows == 0:
+        return values, mask
+    n_blocks = triton.cdiv(n_cols, 128)
+    if resident is None:
+        resident = n_blocks <= MAX_RESIDENT_BLOCKS and n_blocks == triton.next_power_of_2(n_blocks)
+    common = dict(
+        GRID=GRID_CODES[grid],
+        N_LEVELS=n_levels,
+        ESTIMATOR=ESTIMATOR_CODES[estimator],
+        A=FP4_SCALE,
+        HADAMARD=hadamard,
+        DOT_MODE=_dot_mode(x2d.dtype),
+        ROUND_BF16=_round_bf16(x2d.dtype),
+    )
+    args = (x2d, values, mask, n_rows, n_cols, x2d.stride(0), x2d.stride(1), values.stride(0), mask.stride(0))
+    args += (scale_coef, trust, clip_scale)
+    if resident:
+        nb = triton.next_power_of_2(n_blocks)
+        # tl.dot needs at least 16 tile rows; the interpreter pays per program, so it gets the whole tensor in a few.
+        target = tile_rows or (max(64, nb * triton.next_power_of_2(n_rows)) if interpreting() else 64)
+        block_m = max(16 // nb, 1, min(target, 4096) // nb)
+        _quantize_fwd_resident_kernel[(triton.cdiv(n_rows, block_m),)](
+            *args, **common, BLOCK_M=block_m, NB=nb, num_warps=num_warps or 4
+        )
+    else:
+        block_m = tile_rows or (max(16, min(256, triton.next_power_of_2(n_rows))) if interpreting() else 64)
+        _quantize_fwd_two_pass_kernel[(triton.cdiv(n_rows, block_m),)](
+            *args, **common, BLOCK_M=block_m, num_warps=num_warps or 8
+        )
+    return values, mask
+
+
+def quantize_backward(
+    grad2d: torch.Tensor,
+    mask: torch.Tensor,
+    hadamard: bool,
+    *,
+    block_m: int | None = None,
+    blocks_per_program: int | None = None,
+    num_warps: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """grad (rows, cols), any strides, and the packed mask -> (grad ⊙ mask)·H in grad's dtype, contiguous."""
+    n_rows, n_cols = grad2d.shape
+    if out is None:
+        out = torch.empty((n_rows, n_cols), dtype=grad2d.dtype, device=grad2d.device)
+    if n_rows == 0:
+        return out
+    n_blocks = triton.cdiv(n_cols, 128)
+    if interpreting():
+        block_m = block_m or max(16, min(256, triton.next_power_of_2(n_rows)))
+        per_program = blocks_per_program or n_blocks
+    else:
+        block_m = block_m or 64
+        per_program = blocks_per_program or min(4, n_blocks)
+    _quantize_bwd_kernel[(triton.cdiv(n_rows, block_m), triton.cdiv(n_blocks, per_program))](
+        grad2d,
+        mask,
+        out,
+        n_rows,
+        n_cols,
+        grad2d.stride(0),
+        grad2d.stride(1),
+        mask.stride(0),
+        out.stride(0),
+        HADAMARD=hadamard,
+        DOT_MODE=_dot_mode(grad2d.dtype),
+        ROUND_BF16=_round_bf16(grad2d.dtype),
+        BLOCK_M=block_m,
+        BLOCKS_PER_PROGRAM=per_program,
+        num_warps=num_warps or 4,
+    )
+    return out

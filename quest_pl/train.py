@@ -174,6 +174,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         step=trainer.global_step,
         wall_s=time.perf_counter() - start,
         rank=trainer.global_rank,
+        peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
         non_embedding_params=module.model.non_embedding_params(),
     )
     if trainer.is_global_zero:

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from quest_pl.config import ConfigError
 from quest_pl.overrides import check_group_choices
+from quest_pl.sweep import register_resolvers
 
 CONFIG_DIR = Path(__file__).resolve().parent / "experiments"
 log = logging.getLogger("quest_pl")
@@ -24,19 +25,27 @@ def main(cfg: DictConfig) -> float | None:
 
     from quest_pl.train import train
 
+    run_dir = HydraConfig.get().runtime.output_dir
     try:
-        metrics = train(cfg, HydraConfig.get().runtime.output_dir)
+        if cfg.ptq.get("from"):  # data-free PTQ of a checkpoint instead of training
+            from quest_pl.ptq import run as run_ptq
+
+            metrics = run_ptq(cfg, run_dir)
+        else:
+            metrics = train(cfg, run_dir)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(
-        f"final val/loss={metrics['val/loss']:.4f} val/ppl={metrics['val/ppl']:.2f} after {metrics['step']} steps "
-        f"({metrics['wall_s']:.1f} s); run dir: {HydraConfig.get().runtime.output_dir}"
-    )
+    if metrics["rank"] == 0:
+        print(
+            f"final val/loss={metrics['val/loss']:.4f} val/ppl={metrics['val/ppl']:.2f} after {metrics['step']} steps "
+            f"({metrics['wall_s']:.1f} s); run dir: {HydraConfig.get().runtime.output_dir}"
+        )
     return metrics.get("val/loss")
 
 
 if __name__ == "__main__":
+    register_resolvers()  # ${arm_name:...} in run_name, before Hydra composes
     try:
         check_group_choices(CONFIG_DIR, sys.argv[1:])
     except ConfigError as e:

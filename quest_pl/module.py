@@ -57,6 +57,7 @@ class LMModule(L.LightningModule):
         # Not a submodule attribute: the checkpoint holds the eager model's keys only, compiled or not.
         object.__setattr__(self, "compiled", torch.compile(self.model) if compile else None)
         self.val_loss = MeanMetric()
+        self.last_val_step: int | None = None  # global step of the latest validation (train.py adds a final one)
         self._last_log: tuple[float, int] | None = None
 
     @property
@@ -98,6 +99,7 @@ class LMModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
         self.val_loss.reset()
+        self.last_val_step = self.trainer.global_step
         # MeanMetric.compute() already reduced over ranks; sync_dist only averages identical values.
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         self.log("val/ppl", torch.exp(loss), prog_bar=True, sync_dist=True)

@@ -131,8 +131,8 @@ class QuantLinear(nn.Linear):
     """``nn.Linear`` whose weight and input pass through estimators (fake quantization) before the matmul.
 
     ``weight_quant`` and ``act_quant`` are estimator modules (or ``None`` for full precision). ``enabled = False``
-    bypasses every quantizer and rotation, giving the full-precision layer at the same weights (used by the
-    gradient-alignment diagnostics).
+    replaces every quantizer by the identity, giving the full-precision layer at the same latent weights (used by the
+    gradient-alignment diagnostics): ``x W^T``, or ``x (W H)^T`` for a weight-only half-form layer.
     """
 
     def __init__(
@@ -178,9 +178,16 @@ class QuantLinear(nn.Linear):
             q = quantizers.hadamard_transform(q)
         return q.to(t.dtype)
 
+    def _rotate(self, t: torch.Tensor, quant: nn.Module | None) -> torch.Tensor:
+        """The operand with its quantizer replaced by the identity: rotated only where the half form leaves it
+        rotated, so a disabled weight-only half layer is ``x (W H)^T``, the same function of the latent weight."""
+        if quant is None or self.hadamard != "half" or (self.act_quant is not None and self.weight_quant is not None):
+            return t  # full form, or both operands rotated: H H^T = I cancels
+        return quantizers.hadamard_transform(t)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(self._rotate(x, self.act_quant), self._rotate(self.weight, self.weight_quant), self.bias)
         x = self._quantize(x, self.act_quant, "act")
         return F.linear(x, self._quantize(self.weight, self.weight_quant, "weight"), self.bias)
 

@@ -150,7 +150,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         strategy=t.strategy,
         precision=resolve_precision(t.precision, t.accelerator),
         log_every_n_steps=t.log_every_n_steps,
-        val_check_interval=t.val_check_interval * t.accumulate_grad_batches,
+        val_check_interval=min(t.val_check_interval, t.max_steps) * t.accumulate_grad_batches,
         check_val_every_n_epoch=None,
         accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.gradient_clip_val,
@@ -169,6 +169,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
     except SIGTERMException:  # SaveOnInterrupt has written last.ckpt; exit as a terminated process does
         raise SystemExit(128 + signal.SIGTERM) from None
+    if module.last_val_step != trainer.global_step:  # max_steps is not a multiple of val_check_interval
+        trainer.validate(module, datamodule=dm, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
     metrics.update(
         step=trainer.global_step,

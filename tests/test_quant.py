@@ -140,3 +140,12 @@ def test_triton_kernel_path_matches_pytorch_path(mode):
         results[kernel] = (y.detach(), xi.grad, layer.weight.grad)
     for a, b in zip(results["torch"], results["triton"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # values agree to ~2 fp32 ulps (kernels docs)
+
+
+def test_disabled_weight_only_half_layer_keeps_the_rotation():
+    """Quantizers replaced by the identity: a weight-only half layer computes x (W H)^T, not x W^T."""
+    cfg = quant_cfg("quest_w4a16")
+    layer = QuantLinear(128, 64, weight_quant=cfg.weight.build(), hadamard="half")
+    layer.enabled = False
+    x = torch.randn(3, 128)
+    torch.testing.assert_close(layer(x), x @ quantizers.hadamard_transform(layer.weight).T)

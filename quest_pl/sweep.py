@@ -1,0 +1,74 @@
+"""Sweeps: readable arm names for job directories and the report written when a Hydra multirun ends.
+
+An experiment file (``experiments/experiment/*.yaml``) sweeps over the ``quant`` group; each job's directory is
+``<num>_<arm>``, where the arm name states the bits actually trained (``quest_w4a4`` becomes ``quest_w3a3`` under
+``quant.bits=3``), so TensorBoard pointed at the sweep directory lists the arms by name.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+ARM_RESOLVER = "arm_name"
+_BITS_SUFFIX = re.compile(r"_w[0-9.]+a[0-9.]+$")
+
+
+def _bits(b) -> str:
+    return "16" if b is None else f"{float(b):g}"
+
+
+def quant_arm_name(name: str, grid: str | None, w_bits=None, a_bits=None) -> str:
+    """``<quant.name without its _wXaY suffix>_w<w_bits>a<a_bits>`` (16 for a full-precision operand); the bare
+    name when nothing is quantized (``bf16``)."""
+    if grid is None or (w_bits is None and a_bits is None):
+        return name
+    return f"{_BITS_SUFFIX.sub('', name)}_w{_bits(w_bits)}a{_bits(a_bits)}"
+
+
+def arm_name(quant: DictConfig, ptq: DictConfig | None = None) -> str:
+    """``run_name`` of a job: the quant arm's name (:func:`quant_arm_name`), or the PTQ setting's name
+    (``ptq_<grid>_w<b>a<b>``, :class:`quest_pl.ptq.PTQConfig`) for a ``ptq.from=CKPT`` evaluation."""
+    if ptq is not None and ptq.get("from"):
+        from quest_pl.ptq import PTQConfig
+
+        keys = ("grid", "bits", "hadamard", "group_size", "act_bits", "act_grid")
+        return PTQConfig(**{k: ptq.get(k) for k in keys}).name  # not validated here: ptq.run reports bad values
+    return quant_arm_name(quant.get("name", "quant"), quant.get("grid"), quant.get("w_bits"), quant.get("a_bits"))
+
+
+def register_resolvers() -> None:
+    """``${arm_name:${quant},${ptq}}`` for ``run_name`` in ``experiments/config.yaml``. Idempotent; called by
+    ``run.py`` before Hydra composes, and by anything that resolves a saved config."""
+    if not OmegaConf.has_resolver(ARM_RESOLVER):
+        OmegaConf.register_new_resolver(ARM_RESOLVER, arm_name)
+
+
+class SweepReport(Callback):
+    """Hydra callback (``hydra.callbacks.report`` in ``experiments/config.yaml``): when a multirun ends, write the
+    sweep's summary table, plots and PTQ rows into the sweep directory (:func:`quest_pl.report.write_report`)."""
+
+    def __init__(self, enabled: bool = True, ptq: bool = True) -> None:
+        self.enabled = enabled
+        self.ptq = ptq
+        self.sweep_dir: Path | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self.sweep_dir = Path(str(config.hydra.sweep.dir))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        if not self.enabled:
+            return
+        from quest_pl.report import write_report
+
+        sweep_dir = self.sweep_dir or Path(str(config.hydra.sweep.dir))
+        try:
+            write_report(sweep_dir, echo=True, ptq=self.ptq)
+        except Exception:  # a report failure must not hide the finished runs
+            log.exception("sweep report failed; rerun it with: python -m quest_pl.report %s", sweep_dir)

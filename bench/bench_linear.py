@@ -16,8 +16,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+from timing import median_ms  # bench/timing.py (the script's folder is on sys.path)
 from torch import nn
-from triton.testing import do_bench, do_bench_cudagraph
 
 import estimators
 import kernels
@@ -58,15 +58,6 @@ def reference_linear(d_in, d_out):
     if QuantLinear is None:
         return ReferenceQuestLinear(d_in, d_out)
     return QuantLinear(d_in, d_out, weight_quant=trust(), act_quant=trust(), hadamard="half")
-
-
-def median_ms(fn, graph: bool) -> float:
-    if graph:
-        try:
-            return do_bench_cudagraph(fn, rep=100, return_mode="median")
-        except Exception:  # a path that cannot be captured (reported as n/a)
-            return float("nan")
-    return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
 def step(layer, x, grad):

@@ -16,7 +16,7 @@ import argparse
 import time
 
 import torch
-from triton.testing import do_bench, do_bench_cudagraph
+from timing import median_ms  # bench/timing.py (the script's folder is on sys.path)
 
 import estimators
 import kernels
@@ -24,15 +24,6 @@ import quantizers
 
 SHAPES = [(16384, 640), (16384, 2048), (16384, 4096), (65536, 2048)]
 BITS = 4
-
-
-def median_ms(fn, graph: bool) -> float:
-    if graph:
-        try:
-            return do_bench_cudagraph(fn, rep=100, return_mode="median")
-        except Exception:  # a path that cannot be captured (reported as n/a)
-            return float("nan")
-    return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
 def reference_quantizer():

@@ -122,16 +122,17 @@ def test_hadamard_needs_widths_multiple_of_128():
 def test_triton_kernel_path_matches_pytorch_path(mode):
     """quant.kernel=triton runs the fused kernels (through Triton's interpreter on CPU) in place of H + estimator."""
     torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     layers = {}
     for kernel in ("torch", "triton"):
         cfg = quant_cfg("quest_w4a4", f"quant.kernel={kernel}", f"quant.hadamard_mode={mode}")
-        model = nn.Sequential(nn.Linear(128, 128, bias=False))
+        model = nn.Sequential(nn.Linear(128, 128, bias=False, device=device))
         model.blocks = [model]  # quantize_model walks model.blocks
         quantize_model(model, cfg)
         layers[kernel] = model[0]
     layers["triton"].weight.data.copy_(layers["torch"].weight.data)
     assert layers["triton"].kernel_args["weight"] is not None and layers["torch"].kernel_args["weight"] is None
-    x = torch.randn(5, 128)
+    x = torch.randn(5, 128, device=device)
     results = {}
     for kernel, layer in layers.items():
         xi = x.clone().requires_grad_(True)

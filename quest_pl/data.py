@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from quest_pl.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 EMBEDDED_CORPUS = Path(__file__).parent / "corpus" / "shakespeare.jsonl.xz"
@@ -91,7 +93,7 @@ def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Doc
     ranked = sorted(docs, key=lambda d: hashlib.sha256(d.text.encode()).hexdigest())
     n_val = max(1, round(val_fraction * len(docs) + 0.4999))
     if n_val >= len(docs):
-        raise ValueError(f"data.val_fraction={val_fraction}: leaves no training document out of {len(docs)}")
+        raise ConfigError(f"data.val_fraction={val_fraction}: leaves no training document out of {len(docs)}")
     val = {id(d) for d in ranked[:n_val]}
     return [d for d in docs if id(d) not in val], [d for d in docs if id(d) in val]
 
@@ -326,10 +328,10 @@ class LMDataModule(L.LightningDataModule):
         self.val_tokens = np.memmap(val_file, dtype=meta["dtype"], mode="r")
         self.cache_path = cache
         for split, arr in (("train", self.train_tokens), ("validation", self.val_tokens)):
-            if len(arr) < hp.seq_len + 2:
-                raise ValueError(
-                    f"data: the {split} split has {len(arr)} tokens, fewer than data.seq_len+2 = "
-                    f"{hp.seq_len + 2}; use more text or a shorter model.seq_len"
+            if len(arr) < 2 * hp.seq_len + 2:  # at least two windows: one per epoch plus the offset slack
+                raise ConfigError(
+                    f"data: the {split} split has {len(arr)} tokens, fewer than 2 * model.seq_len + 2 = "
+                    f"{2 * hp.seq_len + 2}; use more text or a shorter model.seq_len"
                 )
 
     @property

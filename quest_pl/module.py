@@ -17,14 +17,18 @@ from quest_pl.model import Llama, LlamaConfig
 def warmup_cosine(
     step: int, total: int, warmup_frac: float = 0.1, init_div: float = 100.0, final_frac: float = 0.1
 ) -> float:
-    """LR multiplier of spec §3 (OneCycleLR with cosine annealing): a cosine warmup from ``1/init_div`` to 1 over the
-    first ``floor(warmup_frac * total)`` steps, then a cosine decay to ``final_frac`` at the last step."""
-    warmup = math.floor(warmup_frac * total)
-    if step < warmup:
-        start = 1.0 / init_div
-        return start + (1.0 - start) * (1.0 - math.cos(math.pi * step / warmup)) / 2.0
-    progress = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
-    return final_frac + (1.0 - final_frac) * (1.0 + math.cos(math.pi * progress)) / 2.0
+    """LR multiplier of spec §3: torch's OneCycleLR with cosine annealing, ``div_factor = init_div`` and
+    ``pct_start = floor(warmup_frac * total) / total``: a cosine warmup from ``1/init_div`` that peaks at step
+    ``warmup - 1``, then a cosine decay to ``final_frac`` at the last step ``total - 1``."""
+
+    def anneal(start: float, end: float, pct: float) -> float:
+        return end + (start - end) * (1.0 + math.cos(math.pi * min(1.0, pct))) / 2.0
+
+    peak = math.floor(warmup_frac * total) - 1
+    if step <= peak and peak > 0:
+        return anneal(1.0 / init_div, 1.0, step / peak)
+    peak = max(peak, 0)
+    return anneal(1.0, final_frac, (step - peak) / max(1, total - 1 - peak))
 
 
 class LMModule(L.LightningModule):
@@ -43,7 +47,7 @@ class LMModule(L.LightningModule):
         quant: dict | None = None,
         compile: bool = False,
         max_steps: int = 1000,
-        tokens_per_step: int = 1,
+        batch_tokens: int = 1,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -78,15 +82,20 @@ class LMModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens per optimizer step over all ranks: ``batch_tokens`` (one micro-batch) x accumulation x ranks."""
+        return self.hparams.batch_tokens * self.trainer.accumulate_grad_batches * self.trainer.world_size
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         step = self.trainer.global_step
-        tokens = step * self.hparams.tokens_per_step
+        tokens = step * self.tokens_per_step
         if step % self.trainer.log_every_n_steps:
             return
         now = time.perf_counter()
         if self._last_log is not None and step > self._last_log[1]:
             last_time, last_step = self._last_log
-            self.log("train/tokens_per_sec", (step - last_step) * self.hparams.tokens_per_step / (now - last_time))
+            self.log("train/tokens_per_sec", (step - last_step) * self.tokens_per_step / (now - last_time))
         self._last_log = (now, step)
         self.log("train/tokens", float(tokens))
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])

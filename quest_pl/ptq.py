@@ -164,6 +164,12 @@ def module_from_checkpoint(ckpt: dict, path: str | Path, key: str = "ptq.from"):
     from quest_pl.quant import is_quantizer_param
 
     hp = ckpt["hyper_parameters"]
+    q = hp.get("quant") or {}
+    if q.get("grid") and q.get("hadamard") and q.get("hadamard_mode", "half") == "half" and q.get("a_bits") is None:
+        raise ConfigError(
+            f"{key}={str(path)!r}: a weight-only half-Hadamard QAT checkpoint (quant={q.get('name')}) computes "
+            "x (W H)^T, not x W^T; its latent weights are no full-precision model to post-train-quantize"
+        )
     try:
         module = LMModule(hp["model"], hp["optim"], quant=None, max_steps=hp.get("max_steps", 1))
     except TypeError as e:

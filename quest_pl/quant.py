@@ -110,8 +110,8 @@ class QuantConfig:
         hadamard = mode if get("hadamard", False) else None
         if kernel == "triton":
             for op, spec in specs.items():
-                reason = kernel_unsupported(spec, quantizers.HADAMARD_BLOCK, hadamard is not None)
-                if spec is not None and reason:
+                reason = spec and kernel_unsupported(spec, quantizers.HADAMARD_BLOCK, hadamard is not None)
+                if reason:
                     raise ConfigError(
                         f"quant.kernel=triton: the {'weight' if op == 'w' else 'activation'} "
                         f"quantizer has no kernel ({reason}); use quant.kernel=auto or torch"

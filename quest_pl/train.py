@@ -37,7 +37,7 @@ def build_datamodule(cfg: DictConfig):
     )
 
 
-def build_module(cfg: DictConfig, vocab_size: int, tokens_per_step: int):
+def build_module(cfg: DictConfig, vocab_size: int):
     from quest_pl.module import LMModule
 
     m = cfg.model
@@ -47,7 +47,12 @@ def build_module(cfg: DictConfig, vocab_size: int, tokens_per_step: int):
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
     quant = OmegaConf.to_container(cfg.quant, resolve=True)
     return LMModule(
-        model, optim, quant=quant, compile=cfg.compile, max_steps=cfg.trainer.max_steps, tokens_per_step=tokens_per_step
+        model,
+        optim,
+        quant=quant,
+        compile=cfg.compile,
+        max_steps=cfg.trainer.max_steps,
+        batch_tokens=cfg.data.batch_size * cfg.model.seq_len,
     )
 
 
@@ -134,9 +139,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     dm.prepare_data()
     dm.setup("fit")
     t = cfg.trainer
-    world = t.devices * t.num_nodes if isinstance(t.devices, int) else 1
-    tokens_per_step = cfg.data.batch_size * cfg.model.seq_len * t.accumulate_grad_batches * world
-    module = build_module(cfg, dm.vocab_size, tokens_per_step)
+    module = build_module(cfg, dm.vocab_size)
     if cfg.ckpt_path:
         check_compatible(cfg.ckpt_path, module)
 

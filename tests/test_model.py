@@ -71,3 +71,20 @@ def test_causal():
     idx2 = idx.clone()
     idx2[0, -1] = (idx[0, -1] + 1) % 300
     assert torch.allclose(model(idx2)[0, :-1], a[0, :-1], atol=1e-6)
+
+
+def test_lr_schedule_is_one_cycle_lr_of_the_spec():
+    """Spec §3: torch OneCycleLR(div_factor=100, final_div_factor=0.1, pct_start=floor(T/10)/T, cosine)."""
+    from quest_pl.module import warmup_cosine
+
+    total, lr = 200, 1e-3
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=total, pct_start=(total // 10) / total, div_factor=100, final_div_factor=0.1,
+        anneal_strategy="cos", cycle_momentum=False,
+    )  # fmt: skip
+    for step in range(total):
+        assert warmup_cosine(step, total) * lr == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9, abs=1e-15)
+        opt.step()
+        sched.step()
+    assert warmup_cosine(total - 1, total) == pytest.approx(0.1)

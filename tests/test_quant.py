@@ -150,3 +150,8 @@ def test_disabled_weight_only_half_layer_keeps_the_rotation():
     layer.enabled = False
     x = torch.randn(3, 128)
     torch.testing.assert_close(layer(x), x @ quantizers.hadamard_transform(layer.weight).T)
+
+
+def test_triton_kernel_with_a_full_precision_operand():
+    cfg = quant_cfg("quest_w4a16", "quant.kernel=triton")
+    assert cfg.act is None and cfg.weight.grid == "gaussian_mse"

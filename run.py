@@ -6,16 +6,14 @@ error (bad value, missing file, unknown option) prints one line naming the key a
 
 import logging
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from quest_pl.config import ConfigError
+from quest_pl.config import CONFIG_DIR, ConfigError
 from quest_pl.overrides import check_group_choices
 from quest_pl.sweep import register_resolvers
 
-CONFIG_DIR = Path(__file__).resolve().parent / "experiments"
 log = logging.getLogger("quest_pl")
 
 

@@ -12,11 +12,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 ARMS = {
     "bf16": ["quant=bf16"],
     "quest_w4a4 (triton)": ["quant=quest_w4a4", "quant.kernel=triton"],
@@ -24,23 +22,9 @@ ARMS = {
 }
 
 
-def compose(*overrides: str):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(ROOT / "experiments"), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
-
-
-def tokens_per_sec(run_dir: str) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(Path(run_dir) / "tensorboard"), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {e.step: e.value for e in acc.Scalars("train/tokens_per_sec")}
-
-
 def run_arm(preset: str, steps: int, batch_size: int, overrides: list[str]) -> dict:
+    from quest_pl.config import compose
+    from quest_pl.report import read_scalars
     from quest_pl.train import train
 
     torch.cuda.reset_peak_memory_stats()
@@ -59,7 +43,7 @@ def run_arm(preset: str, steps: int, batch_size: int, overrides: list[str]) -> d
             *overrides,
         )
         metrics = train(cfg, run_dir)
-        rates = tokens_per_sec(run_dir)
+        rates = dict(read_scalars(run_dir)["train/tokens_per_sec"])
     warm = [v for step, v in sorted(rates.items()) if step > steps // 3]
     return {
         "tokens_per_sec": statistics.median(warm),

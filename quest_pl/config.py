@@ -6,9 +6,21 @@ from __future__ import annotations
 import glob
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def compose(*overrides: str, return_hydra_config: bool = False) -> DictConfig:
+    """The config ``python run.py OVERRIDES`` would see, through Hydra's compose API (tests, benchmarks)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
 class ConfigError(ValueError):

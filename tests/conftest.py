@@ -32,11 +32,9 @@ def token_cache(tmp_path_factory):
 
 def compose(*overrides: str):
     """The config ``python run.py OVERRIDES`` would see (Hydra compose API)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from quest_pl.config import compose as compose_config
 
-    with initialize_config_dir(config_dir=str(ROOT / "experiments"), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
+    return compose_config(*overrides)
 
 
 def run_cli(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
@@ -48,8 +46,6 @@ def run_cli(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProce
 
 def scalars(run_dir, tag: str) -> dict[int, float]:
     """Step -> value of a TensorBoard scalar written under ``<run_dir>/tensorboard``."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from quest_pl.report import read_scalars
 
-    acc = EventAccumulator(str(Path(run_dir) / "tensorboard"), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {e.step: e.value for e in acc.Scalars(tag)}
+    return dict(read_scalars(run_dir)[tag])

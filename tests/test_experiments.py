@@ -11,13 +11,11 @@ EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments" / "experiment").glob(
 
 
 def compose_hydra(*overrides: str):
-    from hydra import compose, initialize_config_dir
-
+    from quest_pl.config import compose
     from quest_pl.sweep import register_resolvers
 
     register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "experiments"), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+    return compose(*overrides, return_hydra_config=True)
 
 
 def sweep_arms(experiment: str) -> list[str]:

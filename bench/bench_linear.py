@@ -1,6 +1,6 @@
 """QuEST W4A4 linear (forward + backward) vs bf16 nn.Linear at 16384 tokens on the GPU.
 
-Half-Hadamard form, spec §1.8: y = F.linear(Q(x H), Q(W H)), Q = 4-bit gaussian_mse grid with the trust estimator.
+Half-Hadamard form, METHOD.md §1.8: y = F.linear(Q(x H), Q(W H)), Q = 4-bit gaussian_mse grid with the trust estimator.
   triton  both operands through kernels.quest_quantize (fused rotation + quantizer forward, fused masked rotation
           backward), then F.linear
   torch   quest_pl.quant.QuantLinear(hadamard="half") with the PyTorch reference estimators (where quest_pl imports;
@@ -19,9 +19,7 @@ import torch.nn.functional as F
 from timing import median_ms  # bench/timing.py (the script's folder is on sys.path)
 from torch import nn
 
-import estimators
-import kernels
-import quantizers
+from quest_pl import estimators, kernels, quantizers
 
 try:
     from quest_pl.quant import QuantLinear

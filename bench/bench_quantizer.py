@@ -18,9 +18,7 @@ import time
 import torch
 from timing import median_ms  # bench/timing.py (the script's folder is on sys.path)
 
-import estimators
-import kernels
-import quantizers
+from quest_pl import estimators, kernels, quantizers
 
 SHAPES = [(16384, 640), (16384, 2048), (16384, 4096), (65536, 2048)]
 BITS = 4

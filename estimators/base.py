@@ -1,7 +1,7 @@
-"""Estimator base class, the masked straight-through function and the estimator registry (spec §0, §1.4).
+"""Estimator base class, the masked straight-through function and the estimator registry (METHOD.md §0, §1.4).
 
 An estimator wraps a grid: the forward returns the grid's values (in x's dtype), the backward its gradient rule.
-Masked estimators (STE, clip, trust) realise the spec's detach-carrier form out = x*m + sg(q - x*m): value q,
+Masked estimators (STE, clip, trust) realise the detach-carrier form out = x*m + sg(q - x*m): value q,
 gradient g*m. We return q exactly and save only a bool mask for the backward.
 """
 
@@ -12,7 +12,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from quantizers import Grid, QuantOutput
+from quest_pl.quantizers import Grid, QuantOutput
 
 
 class MaskedStraightThrough(torch.autograd.Function):

@@ -1,15 +1,15 @@
-"""`clip`: gradient passes where |x| <= c * s, s the grid's per-row clip level (spec §1.4 ClipQuantizer).
+"""`clip`: gradient passes where |x| <= c * s, s the grid's per-row clip level (METHOD.md §1.4 ClipQuantizer).
 
 c = `clip_scale` (default 1; QuEST's 1-bit runs use 1.3). For c = 1 this equals STE through round + clamp with the
-scale detached (the spec §4.1 grad_flow check).
+scale detached (the METHOD.md §4.1 grad_flow check).
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from estimators.base import Estimator, register_estimator
-from quantizers import Grid, QuantOutput
+from quest_pl.estimators.base import Estimator, register_estimator
+from quest_pl.quantizers import Grid, QuantOutput
 
 
 @register_estimator("clip")

@@ -1,11 +1,11 @@
-"""`none`: no quantization; the input passes through unchanged (the BF16 / A16 baselines, spec §1.10 NoQuantizer)."""
+"""`none`: no quantization; the input passes through unchanged (BF16 / A16 baselines, METHOD.md §1.10)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from estimators.base import register_estimator
+from quest_pl.estimators.base import register_estimator
 
 
 @register_estimator("none")

@@ -1,4 +1,4 @@
-"""Shared state of the learned-scale estimators (LSQ, PACT; spec §1.9, fixing §7.6).
+"""Shared state of the learned-scale estimators (LSQ, PACT; METHOD.md §1.9, fixing §7.6).
 
 The learned scale is an `nn.Parameter` created at construction (never in forward) and initialised from the first
 batch it sees. A persistent `initialized` buffer records that, so a state_dict round trip restores the scale exactly
@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from quantizers import Grid
+from quest_pl.quantizers import Grid
 
 SCALE_EPS = 1e-8
 """Floor on an initial scale (an all-zero first batch would otherwise give 0)."""

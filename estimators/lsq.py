@@ -1,4 +1,4 @@
-"""`lsq`: learned step size (LSQ, Esser et al. 2020) on QuEST's centered half-integer grid (spec §1.9).
+"""`lsq`: learned step size (LSQ, Esser et al. 2020) on QuEST's centered half-integer grid (METHOD.md §1.9).
 
 With step alpha, n = 2^b, Q_p = max(n/2 - 1, 1), s = alpha (n - 1)/2:
 
@@ -18,10 +18,10 @@ import math
 import torch
 from torch import Tensor
 
-from estimators.base import register_estimator
-from estimators.learned import LearnedScale
-from quantizers import Grid
-from quantizers.gaussian import normal_tail2
+from quest_pl.estimators.base import register_estimator
+from quest_pl.estimators.learned import LearnedScale
+from quest_pl.quantizers import Grid
+from quest_pl.quantizers.gaussian import normal_tail2
 
 
 def lsq_forward(x32: Tensor, step: Tensor, grid: Grid) -> tuple[Tensor, Tensor]:

@@ -1,5 +1,5 @@
 """`pact`: learned clip level alpha (PACT, Choi et al. 2018) on the centered INT grid; the working form of the
-reference's PACTQuantizer, which passes no gradient to its input (spec §1.9, §7.1).
+reference's PACTQuantizer, which passes no gradient to its input (METHOD.md §1.9, §7.1).
 
     values = centered INT-b grid with outermost levels +-alpha (step = 2 alpha / (n - 1))
     d out/dx     = 1 if |x| <= alpha else 0           (straight-through inside, zero when clipped)
@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from estimators.base import register_estimator
-from estimators.learned import LearnedScale
-from quantizers import OPTIMAL_GAUSSIAN_SCALES, Grid
-from quantizers.gaussian import normal_tail2
+from quest_pl.estimators.base import register_estimator
+from quest_pl.estimators.learned import LearnedScale
+from quest_pl.quantizers import OPTIMAL_GAUSSIAN_SCALES, Grid
+from quest_pl.quantizers.gaussian import normal_tail2
 
 
 class _PACTGrad(torch.autograd.Function):

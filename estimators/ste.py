@@ -1,8 +1,8 @@
-"""`ste`: straight-through estimator, identity gradient everywhere, clipped elements included (spec §1.4)."""
+"""`ste`: straight-through estimator, identity gradient everywhere, clipped elements included (METHOD.md §1.4)."""
 
 from __future__ import annotations
 
-from estimators.base import Estimator, register_estimator
+from quest_pl.estimators.base import Estimator, register_estimator
 
 
 @register_estimator("ste")

@@ -1,4 +1,4 @@
-"""`trust`: gradient passes where |q(x) - x| <= tau * sigma (spec §1.4 TrustQuantizer, §1.5, §1.6).
+"""`trust`: gradient passes where |q(x) - x| <= tau * sigma (METHOD.md §1.4 TrustQuantizer, §1.5, §1.6).
 
 tau = `trust` (sigma units), default `quantizer.default_trust`:
 * gaussian_mse / int_sparse24: alpha_b / (n - 1), half a step, so the mask is |x| <= s + step/2 = alpha_b n/(n-1) sigma;
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from estimators.base import Estimator, register_estimator
-from quantizers import Grid, QuantOutput
+from quest_pl.estimators.base import Estimator, register_estimator
+from quest_pl.quantizers import Grid, QuantOutput
 
 
 @register_estimator("trust")

@@ -1,5 +1,5 @@
 """Fused Triton kernels for the QuEST quantizer: block-128 Hadamard, RMS scale, grid rounding and trust / clip mask in
-one pass forward; masked transposed Hadamard in one pass backward (spec §1.3-1.8, §8 "Triton kernels").
+one pass forward; masked transposed Hadamard in one pass backward (METHOD.md §1.3-1.8, §8 "Triton kernels").
 
 Public API:
   fused_quantize(x, ...) -> (values, mask)  values in the rotated basis (x's dtype), mask bool, True = gradient passes
@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from quantizers import OPTIMAL_GAUSSIAN_SCALES, build
+from quest_pl.quantizers import OPTIMAL_GAUSSIAN_SCALES, build
 
 __all__ = ["fused_quantize", "is_supported", "quest_quantize", "unpack_mask"]
 
@@ -99,7 +99,7 @@ def _quantize_impl(
             "kernels: CPU tensors run only under Triton's interpreter; set TRITON_INTERPRET=1 before Triton is "
             "imported, or use the PyTorch reference quantizers"
         )
-    from kernels import _triton
+    from quest_pl.kernels import _triton
 
     width = x.shape[-1]
     values, mask = _triton.quantize_forward(
@@ -117,7 +117,7 @@ def _quantize_impl(
 
 def _quantize_backward_impl(grad: torch.Tensor, mask: torch.Tensor, hadamard: bool) -> torch.Tensor:
     """(grad ⊙ unpack(mask))·H for grad (..., d): the QuEST gradient with respect to the quantizer's input."""
-    from kernels import _triton
+    from quest_pl.kernels import _triton
 
     width = grad.shape[-1]
     out = _triton.quantize_backward(grad.reshape(-1, width), mask.reshape(-1, mask.shape[-1]), hadamard)

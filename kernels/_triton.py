@@ -1,4 +1,4 @@
-"""Triton kernels for the fused QuEST quantizer (spec §1.3, §1.4, §1.6, §1.8; §8 "Triton kernels").
+"""Triton kernels for the fused QuEST quantizer (METHOD.md §1.3, §1.4, §1.6, §1.8; §8 "Triton kernels").
 
 Imported lazily by `kernels` on the first kernel call: importing `kernels` then costs nothing on a machine without
 Triton, and `TRITON_INTERPRET` is read when these functions are defined (the interpreter needs it before `@triton.jit`).
@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from quantizers import RMS_EPS
-from quantizers.fp4 import FP4_SCALE
+from quest_pl.quantizers import RMS_EPS
+from quest_pl.quantizers.fp4 import FP4_SCALE
 
 GRID_CODES = {"gaussian_mse": 0, "fp4": 1}
 ESTIMATOR_CODES = {"trust": 0, "clip": 1}
@@ -120,7 +120,7 @@ def _fp4_level(az, pos, boundary, level, mag):
 @triton.jit
 def _quantize_tile(xh, rms, scale_coef, trust, clip_scale, GRID: tl.constexpr, N_LEVELS: tl.constexpr,
                    ESTIMATOR: tl.constexpr, A: tl.constexpr):  # fmt: skip
-    """Grid values and gradient mask (int32 0/1) for an fp32 tile x_h, rms broadcastable to it (spec §1.3-1.6)."""
+    """Grid values and gradient mask (int32 0/1) for an fp32 tile x_h, rms broadcastable to it (METHOD.md §1.3-1.6)."""
     sigma_hat = tl.maximum(rms, _RMS_EPS)
     if GRID == 0:
         # gaussian_mse: s = α_b σ̂, Δ = 2s/(n-1), k = clamp(floor(x_h/Δ), -n/2, n/2-1), values (k + ½)Δ.

@@ -1,8 +1,9 @@
-"""Grid base class, the quantizer output record and the grid registry (spec §0, §1.2-§1.7, §8).
+"""Grid base class, the quantizer output record and the grid registry (METHOD.md §0, §1.2-§1.7, §8).
 
 A grid maps each row (the last dimension) to dequantized values with one scale per row: per output row for a
-weight, per token for an activation (spec §0). Arithmetic is fp32 whatever the input dtype (spec §7.12); the module
-call returns the input dtype. Grids carry no gradient rule: wrap one in an estimator (`estimators.build`).
+weight, per token for an activation (METHOD.md §0). Arithmetic is fp32 whatever the input dtype (METHOD.md
+§7.12); the module call returns the input dtype. Grids carry no gradient rule: wrap one in an estimator
+(`estimators.build`).
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from quantizers.gaussian import gaussian_expectation
+from quest_pl.quantizers.gaussian import gaussian_expectation
 
 RMS_EPS = 1e-30
 """Floor on the row RMS used for scales: sigma_hat = max(sigma, RMS_EPS). It only keeps all-zero rows finite (no 0/0);
-every row with sigma >= 1e-30 is quantized scale-equivariantly (unlike the spec's `+1e-8`, §7.13)."""
+every row with sigma >= 1e-30 is quantized scale-equivariantly (unlike the authors' `+1e-8`, METHOD.md §7.13)."""
 
 
 class QuantOutput(NamedTuple):
@@ -34,7 +35,7 @@ class QuantOutput(NamedTuple):
 
 
 def row_rms(x32: Tensor) -> Tensor:
-    """sigma(x) = sqrt(mean_i x_i^2) over the last dim, shape (..., 1) (spec §0: the code's "std", no mean removed)."""
+    """sigma(x) = sqrt(mean_i x_i^2) over the last dim, shape (..., 1) (METHOD.md §0: no mean removed)."""
     return x32.square().mean(dim=-1, keepdim=True).sqrt()
 
 
@@ -88,11 +89,11 @@ class Grid(nn.Module):
         raise NotImplementedError
 
     def quantize_with_scale(self, x: Tensor, scale: Tensor) -> QuantOutput:
-        """Quantize with an externally given clip level s (learned-scale estimators, spec §1.9)."""
+        """Quantize with an externally given clip level s (learned-scale estimators, METHOD.md §1.9)."""
         raise NotImplementedError(f"grid {self.name!r} has no externally scaled form (supports_learned_scale=False)")
 
     def trust_threshold(self, out: QuantOutput, trust: float | None = None) -> Tensor:
-        """Per-row trust threshold tau*sigma, shape (..., 1) (spec §1.4: sigma without eps).
+        """Per-row trust threshold tau*sigma, shape (..., 1) (METHOD.md §1.4: sigma without eps).
 
         tau = `trust`, else `default_trust`. Rows with sigma = 0 get +inf: an all-zero row is quantized exactly up to
         RMS_EPS, so it keeps its gradient (a zero-initialised weight must be able to leave zero).
@@ -128,7 +129,7 @@ class Grid(nn.Module):
 
     @cached_property
     def gaussian_mse(self) -> float | None:
-        """Theoretical relative MSE E[(q(z) - z)^2] on N(0,1) rows, integrated numerically (spec §1.2, §1.5, §1.6)."""
+        """Theoretical relative MSE E[(q(z) - z)^2] on N(0,1) rows, integrated numerically (METHOD.md §1.2, §1.5)."""
         return self.gaussian_expectation(lambda z, q: (q - z).square())
 
 

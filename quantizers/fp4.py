@@ -1,4 +1,4 @@
-"""`fp4`: E2M1 grid scaled to the row, MSE-optimal for N(0,1) (spec §1.6). 4 bits only.
+"""`fp4`: E2M1 grid scaled to the row, MSE-optimal for N(0,1) (METHOD.md §1.6). 4 bits only.
 
     levels = a * {0, +-0.5, +-1, +-1.5, +-2, +-3, +-4, +-6}  (15 distinct values; a = 0.487079484)
     sigma_hat = max(sqrt(mean(x^2)), 1e-30);  z = x / sigma_hat
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from quantizers.base import register_grid
-from quantizers.levels import LevelGrid
+from quest_pl.quantizers.base import register_grid
+from quest_pl.quantizers.levels import LevelGrid
 
 FP4_SCALE = 0.487079484
 E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)

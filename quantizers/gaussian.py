@@ -1,4 +1,4 @@
-"""Standard-normal helpers for the grids' theory (spec §1.2, §1.4, §1.5): float64, no scipy, nothing at import."""
+"""Standard-normal helpers for the grids' theory (METHOD.md §1.2, §1.4, §1.5): float64, no scipy, nothing at import."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def normal_cdf(z: float) -> float:
 
 
 def normal_tail2(t: float) -> float:
-    """P(|Z| > t) = 2 Q(t) = erfc(t / sqrt 2) for t >= 0 (spec §1.4 masked fractions)."""
+    """P(|Z| > t) = 2 Q(t) = erfc(t / sqrt 2) for t >= 0 (METHOD.md §1.4 masked fractions)."""
     return math.erfc(t / math.sqrt(2))
 
 

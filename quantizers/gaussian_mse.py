@@ -1,20 +1,21 @@
-"""`gaussian_mse`: QuEST's grid, the MSE-optimal centered INT grid for Gaussian rows (spec §1.2, §1.3).
+"""`gaussian_mse`: QuEST's grid, the MSE-optimal centered INT grid for Gaussian rows (METHOD.md §1.2, §1.3).
 
     sigma     = sqrt(mean(x^2)) over the row (fp32);  sigma_hat = max(sigma, 1e-30)
     s         = fp32(alpha_b) * sigma_hat
     step      = s * 2 / (n - 1)
     k         = clamp(floor(x / step), -n/2, n/2 - 1);  values = (k + 0.5) * step
 
-The 1e-30 floor (instead of the spec's s = alpha_b sigma + 1e-8) only matters for all-zero rows; it keeps them
-finite and leaves every other row scale-equivariant. Default trust tau = alpha_b / (n - 1): half a step (spec §1.4).
+The 1e-30 floor (instead of the authors' s = alpha_b sigma + 1e-8) only matters for all-zero rows; it keeps them
+finite and leaves every other row scale-equivariant. Default trust tau = alpha_b / (n - 1): half a step
+(METHOD.md §1.4).
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from quantizers.base import register_grid, safe_rms
-from quantizers.integer import IntGrid, int_grid_levels
+from quest_pl.quantizers.base import register_grid, safe_rms
+from quest_pl.quantizers.integer import IntGrid, int_grid_levels
 
 OPTIMAL_GAUSSIAN_SCALES = {
     1: 0.7978845587140913,
@@ -26,7 +27,7 @@ OPTIMAL_GAUSSIAN_SCALES = {
     7: 3.6010497188221655,
     8: 3.884938678807525,
 }
-"""alpha_b: half-width of the MSE-optimal uniform n-level grid for N(0,1), the hard-coded table of spec §1.2."""
+"""alpha_b: half-width of the MSE-optimal uniform n-level grid for N(0,1), the hard-coded table of METHOD.md §1.2."""
 
 
 @register_grid("gaussian_mse")

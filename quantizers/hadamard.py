@@ -1,4 +1,4 @@
-"""Block-128 Hadamard transform (spec §1.8, fixing §7.12 and §7.15).
+"""Block-128 Hadamard transform (METHOD.md §1.8, fixing §7.12 and §7.15).
 
 Each contiguous block of 128 along the last dim is multiplied by the orthonormal Sylvester Hadamard H_128 =
 S / sqrt(128), S the +-1 Sylvester matrix, as a (..., d/128, 128) @ (128, 128) product (never a d x d

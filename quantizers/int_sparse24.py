@@ -4,7 +4,7 @@ In every group of 4 consecutive elements of the last dim, the 2 largest |x| (of 
 `gaussian_mse` value and the other 2 become 0 (ties broken by topk); the scale comes from the dense row's sigma.
 The last dim must be a multiple of 4.
 
-This is element-wise 2:4 (the issue's definition), not the reference's pair-wise 4:8 of spec §1.7 (2 of 4 pairs kept
+This is element-wise 2:4, not the authors' pair-wise 4:8 of METHOD.md §1.7 (2 of 4 pairs kept
 in each group of 8, for int4 containers), so its Gaussian MSE and masked fractions differ from §1.7/§1.11.
 Estimators see pruned elements as q = 0: trust passes a pruned element's gradient only if |x| <= tau sigma.
 """
@@ -16,8 +16,8 @@ import math
 import torch
 from torch import Tensor
 
-from quantizers.base import Grid, QuantOutput, register_grid
-from quantizers.gaussian_mse import GaussianMSE
+from quest_pl.quantizers.base import Grid, QuantOutput, register_grid
+from quest_pl.quantizers.gaussian_mse import GaussianMSE
 
 GROUP = 4
 KEEP = 2

@@ -1,4 +1,4 @@
-"""Centered uniform INT grid shared by `uniform`, `gaussian_mse` and `int_sparse24` (spec §1.3).
+"""Centered uniform INT grid shared by `uniform`, `gaussian_mse` and `int_sparse24` (METHOD.md §1.3).
 
 With n = 2^b levels and clip level s (outermost level magnitude), all in fp32:
 
@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from quantizers.base import Grid, QuantOutput, row_rms
+from quest_pl.quantizers.base import Grid, QuantOutput, row_rms
 
 
 def int_grid_values(x32: Tensor, scale: Tensor, bits: int) -> Tensor:
@@ -49,7 +49,7 @@ class IntGrid(Grid):
         return QuantOutput(int_grid_values(x32, scale, self.bits), rms, scale)
 
     def quantize_with_scale(self, x: Tensor, scale: Tensor) -> QuantOutput:
-        """Same grid with a given clip level s (broadcastable to (..., 1), e.g. a learned (1,) step), spec §1.9."""
+        """Same grid with a given clip level s (broadcastable to (..., 1), e.g. a learned (1,) step), METHOD.md §1.9."""
         x32 = x.float()
         rms = row_rms(x32)
         scale = scale.float().expand_as(rms)

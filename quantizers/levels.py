@@ -1,4 +1,4 @@
-"""Non-uniform grids given by a fixed level table in sigma units (Lloyd-Max, FP4, ternary; spec §1.3, §1.5, §1.6).
+"""Non-uniform grids given by a fixed level table in sigma units (Lloyd-Max, FP4, ternary; METHOD.md §1.3, §1.5, §1.6).
 
 Nearest-level rounding via decision boundaries (midpoints of consecutive levels), all in fp32:
 
@@ -7,7 +7,7 @@ Nearest-level rounding via decision boundaries (midpoints of consecutive levels)
     values = levels[i] * sigma_hat;   s = levels[-1] * sigma_hat
 
 `levels` and `boundaries` are the float64 tables rounded to fp32. Never an argmin over a (..., d, n) tensor (§7.16).
-Default trust tau is half the outermost gap, (l_max - l_{max-1}) / 2 (spec §1.5 for Lloyd-Max; FP4 gives a, not
+Default trust tau is half the outermost gap, (l_max - l_{max-1}) / 2 (METHOD.md §1.5 for Lloyd-Max; FP4 gives a, not
 the reference's 0.3186 accident of §1.6; ternary gives s/2).
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from quantizers.base import Grid, QuantOutput, safe_rms
+from quest_pl.quantizers.base import Grid, QuantOutput, safe_rms
 
 
 class LevelGrid(Grid):

@@ -1,4 +1,4 @@
-"""`lloyd_max`: converged Lloyd-Max levels for N(0,1) (Max 1960), bits 1-4 (spec §1.5, fixing §7.10).
+"""`lloyd_max`: converged Lloyd-Max levels for N(0,1) (Max 1960), bits 1-4 (METHOD.md §1.5, fixing §7.10).
 
 Lloyd's iteration in float64: boundaries = midpoints (+-inf at the ends), each level moves to its cell's conditional
 mean E[Z | a < Z < b] = (phi(a) - phi(b)) / (Phi(b) - Phi(a)), until no level moves by more than 1e-12 (the
@@ -14,9 +14,9 @@ from functools import cache
 
 import torch
 
-from quantizers.base import register_grid
-from quantizers.gaussian import normal_cdf, normal_pdf
-from quantizers.levels import LevelGrid
+from quest_pl.quantizers.base import register_grid
+from quest_pl.quantizers.gaussian import normal_cdf, normal_pdf
+from quest_pl.quantizers.levels import LevelGrid
 
 LLOYD_MAX_TOLERANCE = 1e-12
 

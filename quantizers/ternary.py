@@ -1,4 +1,4 @@
-"""`ternary`: levels {-s, 0, +s}, s = 1.2240089519030855 sigma, thresholds +-s/2, MSE 0.19017 (spec §1.3).
+"""`ternary`: levels {-s, 0, +s}, s = 1.2240089519030855 sigma, thresholds +-s/2, MSE 0.19017 (METHOD.md §1.3).
 
 The reference's 1.585-bit path is broken (n = 2^1.585 is not an integer); this is the correct ternary grid.
 Quantization is the nearest-level rule of `quantizers.levels`. `bits` may be None or 1.585 and reads 1.585.
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from quantizers.base import register_grid
-from quantizers.levels import LevelGrid
+from quest_pl.quantizers.base import register_grid
+from quest_pl.quantizers.levels import LevelGrid
 
 TERNARY_SCALE = 1.2240089519030855
 

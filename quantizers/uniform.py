@@ -1,4 +1,4 @@
-"""`uniform`: absmax-scaled centered INT grid, s = max|x| per row (the naive baseline; spec §1.3 `UniformQuantizer`,
+"""`uniform`: absmax-scaled centered INT grid, s = max|x| per row (the naive baseline of METHOD.md §1.3,
 fixed: it works, in train and eval).
 
     s = max(max_i |x_i|, RMS_EPS);  values = centered INT-b grid with outermost levels +-s (see `quantizers.integer`)
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from quantizers.base import RMS_EPS, QuantOutput, register_grid
-from quantizers.integer import IntGrid
+from quest_pl.quantizers.base import RMS_EPS, QuantOutput, register_grid
+from quest_pl.quantizers.integer import IntGrid
 
 
 @register_grid("uniform")
@@ -27,7 +27,7 @@ class UniformAbsmax(IntGrid):
         return x32.abs().amax(dim=-1, keepdim=True).clamp_min(RMS_EPS)
 
     def trust_threshold(self, out: QuantOutput, trust: float | None = None) -> Tensor:
-        """tau * sigma if `trust` is given, else half a step per row: s / (n - 1) (spec §1.4 default, absmax form)."""
+        """tau * sigma if `trust` is given, else half a step per row: s / (n - 1) (METHOD.md §1.4, absmax form)."""
         if trust is not None:
             return super().trust_threshold(out, trust)
         return (out.scale / (2**self.bits - 1)).masked_fill(out.rms == 0, float("inf"))

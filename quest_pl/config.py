@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "experiments"
+CONFIG_DIR = Path(__file__).resolve().parent / "experiments"
 
 
 def compose(*overrides: str, return_hydra_config: bool = False) -> DictConfig:

@@ -163,7 +163,7 @@ class StepBatches(Dataset):
     ``m``, a pure function of ``(seed, m, rank)``.
 
     Global sample ``j = m * global_batch + b`` lies in epoch ``e = j // n``; it reads window ``perm_e[j % n]`` of a
-    seeded permutation ``perm_e``, with a per-epoch token offset in ``[0, seq_len)`` (spec §3 sampling). Rank ``r``
+    seeded permutation ``perm_e``, with a per-epoch token offset in ``[0, seq_len)`` (METHOD.md §3 sampling). Rank ``r``
     takes ``b`` in ``[r * batch, (r + 1) * batch)``: ranks see disjoint windows of the same global batch.
     """
 

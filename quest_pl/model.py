@@ -1,12 +1,12 @@
-"""The Llama of QUEST_SPEC §2, as a plain ``nn.Module`` that knows nothing of Lightning or quantization.
+"""The Llama of METHOD.md §2, as a plain ``nn.Module`` that knows nothing of Lightning or quantization.
 
 Pre-norm blocks ``x + Attn(RMSNorm(x))``, ``x + MLP(RMSNorm(x))``; interleaved RoPE (GPT-J convention); SwiGLU MLP with
 ``h = multiple_of * ceil(int(8 d / 3) / multiple_of)``; untied head. Quantization is swapped in from outside
 (``quest_pl.quant.quantize_model``), which replaces the ``nn.Linear`` layers of every block.
 
 The MLP keeps its two input projections ``w1`` (gate) and ``w2`` (up) as one fused ``w12`` linear: they read the same
-input, so one GEMM computes both and a quantized model quantizes that shared activation once (spec §7.17). Parameter
-counts, per-row weight scales and initialisation are those of two separate linears.
+input, so one GEMM computes both and a quantized model quantizes that shared activation once (METHOD.md
+§7.17). Parameter counts, per-row weight scales and initialisation are those of two separate linears.
 """
 
 import math
@@ -35,12 +35,12 @@ class LlamaConfig:
 
     @property
     def ffn_hidden(self) -> int:
-        """SwiGLU hidden size, spec §2: ``256 * ceil(int(8 d / 3) / 256)`` (with ``multiple_of`` = 256)."""
+        """SwiGLU hidden size, METHOD.md §2: ``256 * ceil(int(8 d / 3) / 256)`` (with ``multiple_of`` = 256)."""
         return self.multiple_of * math.ceil(int(8 * self.d_model / 3) / self.multiple_of)
 
 
 class RMSNorm(nn.Module):
-    """``y = x / sqrt(mean(x^2) + eps) * weight``, normalised in fp32 and cast back (spec §2)."""
+    """``y = x / sqrt(mean(x^2) + eps) * weight``, normalised in fp32 and cast back (METHOD.md §2)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -122,7 +122,7 @@ class Llama(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Spec §2: every linear and the embedding ~ N(0, std); the two output projections of each block (attention
+        """METHOD.md §2: every linear and the embedding ~ N(0, std); the two output projections of each block (attention
         and MLP ``c_proj``, which write into the residual stream) ~ N(0, std / sqrt(2 n_layer)); norms 1."""
         std = self.cfg.init_std
         for module in self.modules():
@@ -135,7 +135,7 @@ class Llama(nn.Module):
                 nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layer))
 
     def non_embedding_params(self) -> int:
-        """Parameters excluding ``wte`` and ``lm_head``, as the spec's model-size table counts them."""
+        """Parameters excluding ``wte`` and ``lm_head``, as the paper's model-size table counts them (METHOD.md §3)."""
         return sum(p.numel() for n, p in self.named_parameters() if not n.startswith(("wte.", "lm_head.")))
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The LightningModule: next-token loss, AdamW with the spec's schedule, logging (spec §3)."""
+"""The LightningModule: next-token loss, AdamW with the paper's schedule, logging (METHOD.md §3)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from quest_pl.model import Llama, LlamaConfig
 def warmup_cosine(
     step: int, total: int, warmup_frac: float = 0.1, init_div: float = 100.0, final_frac: float = 0.1
 ) -> float:
-    """LR multiplier of spec §3: torch's OneCycleLR with cosine annealing, ``div_factor = init_div`` and
+    """LR multiplier of METHOD.md §3: torch's OneCycleLR with cosine annealing, ``div_factor = init_div`` and
     ``pct_start = floor(warmup_frac * total) / total``: a cosine warmup from ``1/init_div`` that peaks at step
     ``warmup - 1``, then a cosine decay to ``final_frac`` at the last step ``total - 1``."""
 
@@ -115,7 +115,7 @@ class LMModule(L.LightningModule):
 
     # -- optimisation -------------------------------------------------------------------------------------------
     def param_groups(self) -> list[dict]:
-        """Decay (0.1) on linear weights, including ``lm_head`` (the authors' exclusion is an artefact, spec §7.21);
+        """Decay (0.1) on linear weights, including ``lm_head`` (the authors' exclusion is an artefact, §7.21);
         none on embeddings, norms and biases; LSQ/PACT parameters in their own group."""
         from quest_pl.quant import is_quantizer_param
 

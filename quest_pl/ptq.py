@@ -3,8 +3,9 @@
 Every linear that QAT would quantize (those inside the transformer blocks, :func:`quest_pl.quant.quantize_model`) gets
 its weight replaced, once and without data, by ``Q(W H)``: the block-128 Hadamard H along ``in_features`` (optional),
 then any ``quantizers`` grid with per-row scales, or per group of ``g`` elements along the row (``g`` a multiple of
-128). At inference the input is rotated the same way, ``y = Qa(x H) Q(W H)^T``: QuantLinear's half form (spec §1.8),
-with the activation quantizer ``Qa`` optional (W4A16 or W4A4). Embeddings, ``lm_head`` and norms stay as trained.
+128). At inference the input is rotated the same way, ``y = Qa(x H) Q(W H)^T``: QuantLinear's half form
+(METHOD.md §1.8), with the activation quantizer ``Qa`` optional (W4A16 or W4A4). Embeddings, ``lm_head`` and norms
+stay as trained.
 
 Command line (``experiments/config.yaml``, group ``ptq``)::
 
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-import quantizers
+from quest_pl import quantizers
 from quest_pl.config import ConfigError
 
 log = logging.getLogger(__name__)

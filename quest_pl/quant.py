@@ -2,9 +2,9 @@
 
 :func:`quantize_model` swaps every ``nn.Linear`` inside the transformer blocks (attention ``c_attn`` and ``c_proj``,
 MLP ``w12`` = w1‖w2 and ``c_proj``) for a :class:`QuantLinear`; embeddings, ``lm_head`` and norms stay in full
-precision (spec §2). The model file knows nothing of this.
+precision (METHOD.md §2). The model file knows nothing of this.
 
-Hadamard placement (spec §1.8). Each quantized operand is rotated along ``in_features`` by the block-128 Hadamard H
+Hadamard placement (METHOD.md §1.8). Each quantized operand is rotated along ``in_features`` by the block-128 Hadamard H
 before its quantizer: ``half`` multiplies in the rotated basis, ``y = Qa(x H) Qw(W H)^T``; ``full`` rotates back
 after quantizing, ``y = (Qa(x H) H) (Qw(W H) H)^T``. With both operands quantized the two are equal (H H = I); masks
 live in the rotated basis and gradients flow back through H. As in the authors' code the rotation belongs to the
@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import estimators
-import quantizers
+from quest_pl import estimators, quantizers
 from quest_pl.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -166,13 +165,13 @@ class QuantLinear(nn.Linear):
         # Masks for the diagnostics come from the estimator modules: on those steps the PyTorch path runs.
         # auto: on CUDA tensors only; triton: also on CPU tensors (Triton's interpreter, for tests).
         if kernel_args is not None and (t.is_cuda or self.kernel_mode == "triton") and not quant.record_mask:
-            import kernels
+            from quest_pl import kernels
 
             q = kernels.quest_quantize(t, **kernel_args)
             return quantizers.hadamard_transform(q) if self.hadamard == "full" else q
         if self.hadamard is None:
             return quant(t)
-        # Rotate in fp32 so a bf16 activation is not rounded between the Hadamard and the grid (spec §7.12).
+        # Rotate in fp32 so a bf16 activation is not rounded between the Hadamard and the grid (METHOD.md §7.12).
         q = quant(quantizers.hadamard_transform(t.to(torch.promote_types(t.dtype, torch.float32))))
         if self.hadamard == "full":
             q = quantizers.hadamard_transform(q)
@@ -224,7 +223,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
 
 def kernel_unsupported(spec: OperandSpec | None, width: int, hadamard: bool) -> str | None:
     """Why the fused Triton kernel cannot serve this operand here (``kernels.is_supported``), or None if it can."""
-    import kernels
+    from quest_pl import kernels
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ok, reason = kernels.is_supported(spec.grid, spec.bits, spec.estimator, width, device, hadamard=hadamard)
@@ -265,7 +264,7 @@ def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
 @contextmanager
 def full_precision(model: nn.Module) -> Iterator[None]:
     """Bypass every quantizer and rotation of ``model`` (``QuantLinear.enabled = False``) inside the block: the
-    full-precision model at the same latent weights (spec §4.2). Each layer's flag is restored on exit."""
+    full-precision model at the same latent weights (METHOD.md §4.2). Each layer's flag is restored on exit."""
     layers = list(quant_layers(model).values())
     flags = [layer.enabled for layer in layers]
     for layer in layers:

@@ -11,7 +11,7 @@ trained) and ``tensorboard/`` (curves and diagnostics). Columns:
 * ``val_loss``, ``val_ppl``: final validation loss (nats/token) and perplexity; ``delta_bf16``: ``val_loss`` minus the
   full-precision arm's;
 * ``align_mean``: cosine of the quantized and full-precision gradients over the whole model (``align/model``,
-  spec §4.2), averaged over its logged steps; ``align_block0``: the same for the lowest block (``align/block/0``);
+  METHOD.md §4.2), averaged over its logged steps; ``align_block0``: the same for the lowest block (``align/block/0``);
 * ``mask_frac``: fraction of entries whose gradient the estimator masks (``mask/frac/*``, all layers and operands),
   averaged over layers and logged steps;
 * ``wall_s``: the job's wall time; ``tokens_per_s``: mean of the logged training throughput.

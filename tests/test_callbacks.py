@@ -1,4 +1,4 @@
-"""Diagnostics callbacks (spec §4): alignment is 1 without quantization and near 1 at 8 bits, masked fractions
+"""Diagnostics callbacks (METHOD.md §4): alignment is 1 without quantization and near 1 at 8 bits, masked fractions
 match Gaussian theory, persistence of identical / disjoint masks is 1 / 0, and measuring never changes training."""
 
 import math
@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-import estimators
-import quantizers
+from quest_pl import estimators, quantizers
 from quest_pl.callbacks import GradientAlignment, MaskStatistics, QuantizationError
 from quest_pl.callbacks.masks import pack_bits, persistence
 from quest_pl.module import LMModule

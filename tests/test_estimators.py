@@ -1,4 +1,4 @@
-"""Estimators: masked fractions against spec §1.4-§1.6 theory, detach-carrier equivalence (§0, §4.1), LSQ/PACT
+"""Estimators: masked fractions against METHOD.md §1.4-§1.6 theory, detach-carrier equivalence (§0, §4.1), LSQ/PACT
 gradients and state (§1.9, §7.1, §7.6)."""
 
 import math
@@ -7,8 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import estimators
-import quantizers
+from quest_pl import estimators, quantizers
 
 ALPHA = quantizers.OPTIMAL_GAUSSIAN_SCALES
 
@@ -33,7 +32,7 @@ def zero_grad_fraction(estimator, x) -> float:
     return float((x.grad == 0).double().mean())
 
 
-# spec §1.4 table (trust default tau; clip c = 1), §1.4 W1A1 clip scales
+# METHOD.md §1.4 table (trust default tau; clip c = 1), §1.4 W1A1 clip scales
 SPEC_MASKED = [
     ("trust", "gaussian_mse", 1, {}, 0.1105),
     ("trust", "gaussian_mse", 2, {}, 0.0464),
@@ -87,7 +86,7 @@ def test_other_trust_fractions_match_own_theory(gaussian_rows, grid, bits):
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 def test_default_trust_mask_is_clip_at_half_step_beyond_s(gaussian_rows, bits):
-    """Spec §1.4: the default trust mask is exactly |x| <= alpha_b sigma n/(n-1) (up to rounding at the edge)."""
+    """METHOD.md §1.4: the default trust mask is exactly |x| <= alpha_b sigma n/(n-1) (up to rounding at the edge)."""
     x = gaussian_rows[:64]
     trust = build("trust", "gaussian_mse", bits, trust=None)
     trust.record_mask = True
@@ -99,7 +98,7 @@ def test_default_trust_mask_is_clip_at_half_step_beyond_s(gaussian_rows, bits):
 
 
 def carrier(x, q, m):
-    """Spec §0 detach-carrier form: x*m + sg(q - x*m)."""
+    """METHOD.md §0 detach-carrier form: x*m + sg(q - x*m)."""
     return x * m + (q - x * m).detach()
 
 
@@ -123,7 +122,7 @@ def test_trust_equals_detach_carrier(grid, bits):
 
 @pytest.mark.parametrize("bits", [1, 2, 4])
 def test_clip_equals_ste_through_clamp(bits):
-    """Spec §4.1 grad_flow check: Clip (c = 1) == STE round inside a clamp with the scale detached."""
+    """METHOD.md §4.1 grad_flow check: Clip (c = 1) == STE round inside a clamp with the scale detached."""
     x = torch.randn(16, 256, generator=torch.Generator().manual_seed(2)) * 1.5
     g = torch.randn_like(x)
     n = 2**bits
@@ -232,7 +231,7 @@ def test_lsq_values_and_input_gradient():
 
 @pytest.mark.parametrize("bits", [1, 2, 4])
 def test_lsq_step_gradient_matches_hand_formula(bits):
-    """Spec §1.9: d out/d alpha = g (round(v) + 1/2 - x/alpha) in range, g (q_clip + 1/2) clamped; g = 1/sqrt(N Q_p)."""
+    """§1.9: d out/d alpha = g (round(v) + 1/2 - x/alpha) in range, g (q_clip + 1/2) clamped; g = 1/sqrt(N Q_p)."""
     n = 2**bits
     q_p = max(n // 2 - 1, 1)
     alpha = 0.3

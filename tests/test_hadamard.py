@@ -1,18 +1,18 @@
-"""Block-128 Hadamard transform (spec §1.8, §1.11, §7.12, §7.15)."""
+"""Block-128 Hadamard transform (METHOD.md §1.8, §1.11, §7.12, §7.15)."""
 
 import math
 
 import pytest
 import torch
 
-import quantizers
-from quantizers import HADAMARD_BLOCK, hadamard_matrix, hadamard_transform
+from quest_pl import quantizers
+from quest_pl.quantizers import HADAMARD_BLOCK, hadamard_matrix, hadamard_transform
 
 EPS32 = torch.finfo(torch.float32).eps
 
 
 def reference_transform(x: torch.Tensor) -> torch.Tensor:
-    """Float64 dense block-diagonal product (the reference's M, spec §1.8), for small cases only."""
+    """Float64 dense block-diagonal product (the reference's M, METHOD.md §1.8), for small cases only."""
     h = hadamard_matrix(torch.float64)
     dense = torch.block_diag(*[h] * (x.shape[-1] // HADAMARD_BLOCK))
     return x.double() @ dense
@@ -81,9 +81,9 @@ def test_differentiable():
 
 
 def test_hadamard_gaussianises_heavy_tails():
-    """Spec §1.11: Student-t(3) rows, INT4 (gaussian_mse) relMSE 0.183 without HT -> 0.0244 with HT.
+    """METHOD.md §1.11: Student-t(3) rows, INT4 (gaussian_mse) relMSE 0.183 without HT -> 0.0244 with HT.
 
-    We measure about 0.165 -> 0.018 at the spec's 2048 x 4096 over several seeds (the tail makes this noisy), so the
+    We measure about 0.165 -> 0.018 at the paper's 2048 x 4096 over several seeds (the tail makes this noisy), so the
     band is loose: a clear drop to within ~2x of the Gaussian optimum 0.0115.
     """
     torch.manual_seed(5)

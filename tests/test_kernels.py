@@ -3,7 +3,7 @@
 On CPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1); on a CUDA machine the same
 tests run the compiled kernels on the GPU, and the CUDA-only tests (large shapes, torch.compile) skip without one.
 Reference: x_h = hadamard_transform(x in fp32), the grid's `quantize` and the estimator's `pass_mask`, gradients by
-autograd through the detach carrier x_h⊙m + sg(q - x_h⊙m) (spec §0, §1.8).
+autograd through the detach carrier x_h⊙m + sg(q - x_h⊙m) (METHOD.md §0, §1.8).
 
 Tolerances. The kernel takes σ from x (= RMS(x_h), H orthonormal) and sums in another order, and computes x/Δ as
 x·(1/Δ): fp32 values move by a few ulps, and a code can change only where x_h/Δ lies within ~1e-7 of a decision
@@ -14,14 +14,12 @@ differ by more (a boundary flip; none occur with these seeds, the allowance only
 import pytest
 import torch
 
-import estimators
-import kernels
-import quantizers
+from quest_pl import estimators, kernels, quantizers
 
 triton = pytest.importorskip("triton")
 # Triton 3.6's interpreter converts loop bounds with a NumPy call that NumPy 2.x deprecates.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:triton.*")
-from kernels import _triton  # noqa: E402  (after the importorskip: needs Triton)
+from quest_pl.kernels import _triton  # noqa: E402  (after the importorskip: needs Triton)
 
 CONFIGS = [
     ("gaussian_mse", 1, "trust", {}),

@@ -5,7 +5,7 @@ import torch
 
 from quest_pl.model import Llama, LlamaConfig, apply_rope, rope_angles
 
-# QUEST_SPEC §3 model-size table: (layers, d, heads, ffn h, non-embedding parameters)
+# METHOD.md §3 model-size table: (layers, d, heads, ffn h, non-embedding parameters)
 SPEC_SIZES = {
     "llama_30m": (6, 640, 5, 1792, 30_482_560),
     "llama_50m": (7, 768, 6, 2048, 49_556_736),
@@ -37,7 +37,7 @@ def test_forward_shape_and_untied_head():
     assert model.lm_head.weight.data_ptr() != model.wte.weight.data_ptr()
 
 
-def test_initialisation_follows_spec():
+def test_initialisation_follows_method():
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=4096, n_layer=4, d_model=256, n_head=2, seq_len=16)
     model = Llama(cfg)
@@ -73,8 +73,8 @@ def test_causal():
     assert torch.allclose(model(idx2)[0, :-1], a[0, :-1], atol=1e-6)
 
 
-def test_lr_schedule_is_one_cycle_lr_of_the_spec():
-    """Spec §3: torch OneCycleLR(div_factor=100, final_div_factor=0.1, pct_start=floor(T/10)/T, cosine)."""
+def test_lr_schedule_is_one_cycle_lr_of_the_paper():
+    """METHOD.md §3: torch OneCycleLR(div_factor=100, final_div_factor=0.1, pct_start=floor(T/10)/T, cosine)."""
     from quest_pl.module import warmup_cosine
 
     total, lr = 200, 1e-3

@@ -44,7 +44,7 @@ def ptq_eval(trained, tmp_path, **kw):
     ("fp4", 4, True, 128), ("int_sparse24", 4, True, None), ("uniform", 8, False, 128),
 ])  # fmt: skip
 def test_weights_match_quantizer_on_rotated_checkpoint(trained, grid, bits, hadamard, group):
-    import quantizers
+    from quest_pl import quantizers
     from quest_pl.ptq import PTQConfig, PTQLinear, load_checkpoint, module_from_checkpoint, quantize_model_ptq
 
     ckpt_path = trained[0] / "checkpoints" / "last.ckpt"
@@ -85,7 +85,7 @@ def test_rotation_alone_preserves_the_model(trained):
     module = module_from_checkpoint(load_checkpoint(ckpt_path), ckpt_path)
     idx = torch.randint(0, 2048, (2, 16))
     ref = module.model(idx)
-    import quantizers
+    from quest_pl import quantizers
 
     for block in module.model.blocks:
         for name, m in list(block.named_modules()):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-import quantizers
+from quest_pl import quantizers
 from quest_pl.config import ConfigError
 from quest_pl.model import Llama, LlamaConfig
 from quest_pl.module import LMModule
@@ -66,7 +66,7 @@ def test_hadamard_half_equals_full_with_both_operands_quantized(name, bits):
 
 
 def test_weight_only_half_is_a_reparametrisation():
-    """Weight-only half form: y = x Q(W H)^T with no rotation of x (spec §1.8)."""
+    """Weight-only half form: y = x Q(W H)^T with no rotation of x (METHOD.md §1.8)."""
     cfg = quant_cfg("quest_w4a16")
     assert cfg.act is None
     layer = QuantLinear(128, 128, weight_quant=cfg.weight.build(), hadamard="half")

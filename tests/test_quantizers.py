@@ -1,18 +1,18 @@
-"""Grids against Gaussian theory (spec §1.2-§1.7, §1.11) and their contracts (dtype, shapes, errors)."""
+"""Grids against Gaussian theory (METHOD.md §1.2-§1.7, §1.11) and their contracts (dtype, shapes, errors)."""
 
 import math
 
 import pytest
 import torch
 
-import quantizers
-from quantizers.int_sparse24 import two_four_keep_mask
+from quest_pl import quantizers
+from quest_pl.quantizers.int_sparse24 import two_four_keep_mask
 
 ALPHA = quantizers.OPTIMAL_GAUSSIAN_SCALES
 FP4_A = 0.487079484
 TERNARY_S = 1.2240089519030855
 
-# (grid, bits, relative MSE on N(0,1) rows from spec §1.2 / §1.5 (converged) / §1.6 / §1.3)
+# (grid, bits, relative MSE on N(0,1) rows from METHOD.md §1.2 / §1.5 (converged) / §1.6 / §1.3)
 THEORY_MSE = [
     ("gaussian_mse", 1, 0.36338023),
     ("gaussian_mse", 2, 0.11884605),

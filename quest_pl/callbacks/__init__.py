@@ -1,5 +1,5 @@
 """Lightning callbacks: checkpoint-on-interrupt and the diagnostics that observe training without changing it
-(gradient alignment, masked fraction and persistence, quantization error; spec §4, §8)."""
+(gradient alignment, masked fraction and persistence, quantization error; METHOD.md §4, §8)."""
 
 from quest_pl.callbacks.alignment import GradientAlignment
 from quest_pl.callbacks.interrupt import SaveOnInterrupt

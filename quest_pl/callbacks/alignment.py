@@ -1,4 +1,4 @@
-"""Gradient alignment between the quantized and the full-precision model (paper Fig. 2; spec §4.2).
+"""Gradient alignment between the quantized and the full-precision model (paper Fig. 2; METHOD.md §4.2).
 
 On a measured step, on the same micro-batches and the same latent weights theta:
 
@@ -15,7 +15,7 @@ gradient), ``align/row_mean|row_std/<layer>`` (cosine per output row, mean and s
 for the gradient with respect to each linear's input (``align/act/cos|row_mean|row_std/<layer>``, rows = tokens).
 
 Under bf16-mixed precision g_Q carries the bf16 autocast's rounding while g_FP does not. ``recompute_quantized=True``
-recomputes g_Q too, in fp32 on the same micro-batches, so that both sides are fp32 as spec §4.2 asks (and the
+recomputes g_Q too, in fp32 on the same micro-batches, so that both sides are fp32 as METHOD.md §4.2 asks (and the
 measurement sees the estimator's error alone); by default the optimizer's own gradient is used.
 
 A full-precision run has no QuantLinear; there every linear of the blocks is measured, and the alignment is 1.

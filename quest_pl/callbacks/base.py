@@ -1,4 +1,4 @@
-"""What the diagnostics callbacks share: when to measure, which layers, where to log and write (spec §4, §8).
+"""What the diagnostics callbacks share: when to measure, which layers, where to log and write (METHOD.md §4, §8).
 
 A diagnostic observes on its own steps only (``step % every_n_steps == 0``, ``step`` = ``trainer.global_step`` while
 the update is being computed, the step ``train/loss`` is logged at). Off those steps its hooks return at once: no

@@ -81,7 +81,7 @@ def masked_fraction(rows: list[tuple], expected: dict[str, float]):
 
 
 def persistence_matrix(pairs: list[tuple], layer: str | None = None):
-    """P(old, new) = |M_old and M_new| / |M_new| (the paper's Fig. 9 quantity, spec §4.3), upper triangle.
+    """P(old, new) = |M_old and M_new| / |M_new| (the paper's Fig. 9 quantity, METHOD.md §4.3), upper triangle.
 
     ``pairs``: (layer, old_step, new_step, n_old, n_new, overlap) (``mask_persistence.csv``); counts of all layers
     are pooled unless ``layer`` names one."""

@@ -1,4 +1,4 @@
-"""Masked fraction and mask persistence of the quantizers (paper Figs. 8 and 9; spec §1.4, §4.3).
+"""Masked fraction and mask persistence of the quantizers (paper Figs. 8 and 9; METHOD.md §1.4, §4.3).
 
 M_t is the MASKED set at step t: the elements whose gradient the estimator zeroes (``~last_mask``; STE and
 full-precision operands mask nothing). Masks are recorded (``Estimator.record_mask``) only on the steps this

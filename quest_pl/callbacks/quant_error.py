@@ -1,4 +1,4 @@
-"""Relative quantization error of every quantizer (spec §1.2, §8 "QuantMSE").
+"""Relative quantization error of every quantizer (METHOD.md §1.2, §8 "QuantMSE").
 
 Every ``every_n_steps``: ``quant/relmse/<layer>/weight|act`` = ||Q(x) - x||^2 / ||x||^2 over the whole operand, in
 the basis the quantizer sees (after the Hadamard rotation, when there is one; H is orthonormal, so ``full`` mode's
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-import quantizers
+from quest_pl import quantizers
 from quest_pl.callbacks.base import Diagnostic, all_reduce_mean, diagnosed_layers, operands, to_host
 
 

@@ -109,5 +109,7 @@ def test_fresh_venv_trains_smoke_in_the_cwd_and_quantizes_a_users_model(venv, tm
     assert metrics["step"] == 30 and metrics["val/loss"] > 0
     assert (metrics_file.parent / "checkpoints" / "last.ckpt").is_file()
 
-    out = subprocess.run([cli, "quant.bits=9"], cwd=work, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [cli, "experiment=smoke", "quant.bits=9"], cwd=work, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 2 and out.stderr.strip().startswith("error: quant.bits=9")

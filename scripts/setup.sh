@@ -50,13 +50,16 @@ run() {
 if [ -n "$plan" ]; then
   py=$PYTHON
 else
-  key=$(cat setup.cfg pyproject.toml scripts/setup.sh "$constraints" | sha256sum | cut -c1-16)-${QUEST_TORCH:-auto}
+  if command -v sha256sum >/dev/null 2>&1; then sha=(sha256sum); else sha=(shasum -a 256); fi  # shasum on macOS
+  key=$(cat setup.cfg pyproject.toml scripts/setup.sh "$constraints" | "${sha[@]}" | cut -c1-16)-${QUEST_TORCH:-auto}
   stamp=.venv/.setup-$key
   if [ -f "$stamp" ]; then
     exit 0
   fi
   echo "Setting up .venv (one time, about a minute) ..."
   [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+  # A current pip first: the local-wheel check below needs `pip install --dry-run --report` (pip >= 22.2).
+  .venv/bin/python -m pip install -q --upgrade pip
   py=.venv/bin/python
 fi
 
@@ -78,7 +81,6 @@ pin=.venv/.torch-pin.txt
 case "$source" in
   cuda)
     echo "torch: CUDA build from the default index (nvidia-smi works)"
-    [ -n "$use_uv" ] || run .venv/bin/python -m pip install -q --upgrade pip
     pip_install -e ".[dev]"
     ;;
   local)
@@ -89,12 +91,10 @@ case "$source" in
       links=(--find-links "$(dirname "${url#file://}")")
     fi
     run sh -c "echo 'torch==$LOCAL_TORCH' > $pin"
-    [ -n "$use_uv" ] || run .venv/bin/python -m pip install -q --upgrade pip
-    pip_install "${links[@]}" -c "$constraints" -c "$pin" -e ".[dev]"
+    pip_install ${links[@]+"${links[@]}"} -c "$constraints" -c "$pin" -e ".[dev]"
     ;;
   cpu-index)
     echo "torch: CPU build from $CPU_INDEX (no working GPU, no local CPU wheel torch==$LOCAL_TORCH)"
-    [ -n "$use_uv" ] || run .venv/bin/python -m pip install -q --upgrade pip
     pip_install --index-url "$CPU_INDEX" torch
     run sh -c ".venv/bin/python -c 'import torch; print(\"torch==\" + torch.__version__)' > $pin"
     pip_install -c "$constraints" -c "$pin" -e ".[dev]"

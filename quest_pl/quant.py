@@ -1,8 +1,9 @@
 """Quantization wiring: what to quantize is data (:class:`QuantConfig`), how is code (``quantizers``, ``estimators``).
 
-:func:`quantize_model` swaps every ``nn.Linear`` inside the transformer blocks (attention ``c_attn`` and ``c_proj``,
-MLP ``w12`` = w1‖w2 and ``c_proj``) for a :class:`QuantLinear`; embeddings, ``lm_head`` and norms stay in full
-precision (METHOD.md §2). The model file knows nothing of this.
+:func:`quantize_` swaps the ``nn.Linear`` layers of any ``nn.Module`` for :class:`QuantLinear` (by default all but the
+output head; ``filter_fn`` chooses). :func:`quantize_model` is its use on the project's Llama: every ``nn.Linear``
+inside the transformer blocks (attention ``c_attn`` and ``c_proj``, MLP ``w12`` = w1‖w2 and ``c_proj``); embeddings,
+``lm_head`` and norms stay in full precision (METHOD.md §2). The model file knows nothing of this.
 
 Hadamard placement (METHOD.md §1.8). Each quantized operand is rotated along ``in_features`` by the block-128 Hadamard H
 before its quantizer: ``half`` multiplies in the rotated basis, ``y = Qa(x H) Qw(W H)^T``; ``full`` rotates back
@@ -15,7 +16,7 @@ latent weight that needs no Hadamard at inference (the paper's W*A16 runs).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -56,6 +57,73 @@ class QuantConfig:
     act: OperandSpec | None
     hadamard: str | None  # None, "half" or "full"
     kernel: str = "auto"
+
+    def __post_init__(self) -> None:
+        """Checks for a config built directly in Python (``from_cfg`` and ``make`` build valid ones)."""
+        if self.hadamard not in (None, *HADAMARD_MODES):
+            raise ConfigError(f"QuantConfig.hadamard={self.hadamard!r}: expected None, 'half' or 'full'")
+        if self.kernel not in KERNEL_MODES:
+            raise ConfigError(f"QuantConfig.kernel={self.kernel!r}: expected one of {', '.join(KERNEL_MODES)}")
+        for op in ("weight", "act"):
+            spec = getattr(self, op)
+            if spec is not None and not isinstance(spec, OperandSpec):
+                raise ConfigError(f"QuantConfig.{op}={spec!r}: expected an OperandSpec or None (full precision)")
+            if spec is None:
+                continue
+            if spec.grid not in quantizers.GRIDS:
+                raise ConfigError(
+                    f"QuantConfig.{op}.grid={spec.grid!r}: unknown grid; "
+                    f"available: {', '.join(sorted(quantizers.GRIDS))}"
+                )
+            if spec.estimator not in estimators.ESTIMATORS:
+                raise ConfigError(
+                    f"QuantConfig.{op}.estimator={spec.estimator!r}: unknown estimator; "
+                    f"available: {', '.join(sorted(estimators.ESTIMATORS))}"
+                )
+            try:
+                spec.build(rows=1)
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"QuantConfig.{op}={spec}: {e}") from None
+
+    @classmethod
+    def make(cls, **options) -> QuantConfig:
+        """A config from the keys of the ``quant`` config group, without Hydra: ``QuantConfig.make(grid="fp4",
+        bits=4, hadamard=True)``. Keys and defaults are those of ``experiments/quant/bf16.yaml`` (``w_bits``/``a_bits``
+        default to ``bits``; ``a_bits=None`` leaves activations in full precision). Errors are :class:`ConfigError`."""
+        from omegaconf import OmegaConf
+
+        from quest_pl.config import CONFIG_DIR
+
+        base = OmegaConf.load(CONFIG_DIR / "quant" / "bf16.yaml")
+        unknown = sorted(set(options) - set(base))
+        if unknown:
+            raise ConfigError(
+                f"QuantConfig.make({unknown[0]}=...): unknown option; expected some of {', '.join(sorted(base))}"
+            )
+        q = OmegaConf.merge(base, {"name": "quant"}, options)
+        grids = ", ".join(sorted(quantizers.GRIDS))
+        for key in ("grid", "w_grid", "a_grid"):
+            if q[key] is not None and q[key] not in quantizers.GRIDS:
+                raise ConfigError(f"QuantConfig.make({key}={q[key]!r}): unknown grid; available: {grids}")
+        config = cls.from_cfg(q, None)
+        if config is None:
+            raise ConfigError(
+                f"QuantConfig.make(grid={q.grid!r}, bits={q.bits!r}): nothing to quantize; "
+                "give a grid and bits for at least one operand"
+            )
+        return config
+
+    @classmethod
+    def quest(cls, bits: float = 4, **options) -> QuantConfig:
+        """QuEST at ``bits`` (METHOD.md §1.10): Gaussian-MSE INT grid, trust estimator, block-128 Hadamard (half form),
+        weights and activations; at 1 bit the clip estimator with c = 1.3, as the paper's W1A1 runs. ``options``
+        override any ``quant`` key, e.g. ``a_bits=None`` for weight-only, ``hadamard_mode="full"``."""
+        w_bits, a_bits = options.get("w_bits", bits), options.get("a_bits", bits)
+        name = f"quest_w{w_bits or 16}a{a_bits or 16}"
+        preset = dict(grid="gaussian_mse", bits=bits, estimator="trust", hadamard=True, name=name)
+        if bits == 1:
+            preset.update(estimator="clip", clip_scale=1.3)
+        return cls.make(**{**preset, **options})
 
     @staticmethod
     def validate(q) -> None:
@@ -191,33 +259,86 @@ class QuantLinear(nn.Linear):
         return F.linear(x, self._quantize(self.weight, self.weight_quant, "weight"), self.bias)
 
 
-def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
-    """Replace, in place, every ``nn.Linear`` inside ``model.blocks`` by a :class:`QuantLinear` with the same weight.
-    Each layer gets its own weight and activation estimators."""
-    for block in model.blocks:
-        for name, module in list(block.named_modules()):
-            if type(module) is not nn.Linear:
-                continue
-            parent = block.get_submodule(name.rsplit(".", 1)[0]) if "." in name else block
-            q = QuantLinear(
-                module.in_features,
-                module.out_features,
-                bias=module.bias is not None,
-                weight_quant=cfg.weight.build(rows=module.out_features) if cfg.weight else None,
-                act_quant=cfg.act.build() if cfg.act else None,
-                hadamard=cfg.hadamard,
-                device=module.weight.device,
-                dtype=module.weight.dtype,
+HEAD_NAMES = ("lm_head", "output", "head", "classifier", "score", "embed_out")
+
+
+def output_heads(model: nn.Module) -> set[str]:
+    """Names of the ``nn.Linear`` layers that :func:`quantize_` leaves in full precision by default: the output head.
+
+    A linear is the head when it is ``model.get_output_embeddings()`` (Hugging Face models), shares its weight with an
+    ``nn.Embedding`` (a tied head), is named one of :data:`HEAD_NAMES` (the last part of its name), or is the last
+    element of an ``nn.Sequential`` model."""
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    names = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if module is head or id(module.weight) in embedding_weights or name.rsplit(".", 1)[-1] in HEAD_NAMES:
+            names.add(name)
+    if isinstance(model, nn.Sequential) and len(model) and isinstance(model[-1], nn.Linear):
+        names.add(str(len(model) - 1))
+    return names
+
+
+def quantize_(
+    model: nn.Module, config: QuantConfig | None, filter_fn: Callable[[nn.Module, str], bool] | None = None
+) -> nn.Module:
+    """Replace, in place, the chosen ``nn.Linear`` layers of any ``model`` by :class:`QuantLinear` layers holding the
+    same weight and bias, and return ``model``. Each layer gets its own weight and activation estimators.
+
+    ``filter_fn(module, name)`` is asked about every module whose type is exactly ``nn.Linear`` (``name`` relative to
+    ``model``); subclasses such as ``nn.MultiheadAttention``'s ``out_proj``, whose weight the attention reads directly,
+    are never swapped. The default keeps the output head in full precision (:func:`output_heads`); embeddings and
+    norms are not linears and always stay in full precision. ``config=None`` leaves the model unchanged. With a
+    Hadamard every swapped layer's ``in_features`` must be a multiple of 128: checked before anything is swapped."""
+    if config is None:
+        return model
+    if not isinstance(config, QuantConfig):
+        raise ConfigError(f"quantize_: config={config!r}: expected a QuantConfig (e.g. QuantConfig.quest(bits=4))")
+    if filter_fn is None:
+        heads = output_heads(model)
+
+        def filter_fn(module: nn.Module, name: str) -> bool:
+            return name not in heads
+
+    chosen = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and filter_fn(m, n)]
+    block = quantizers.HADAMARD_BLOCK
+    for name, module in chosen:
+        if config.hadamard and module.in_features % block:
+            raise ConfigError(
+                f"quant.hadamard=true: layer {name} has in_features = {module.in_features}, not a multiple of {block} "
+                f"(the Hadamard block size); leave it out with filter_fn or quantize without the Hadamard"
             )
-            q.kernel_mode = cfg.kernel
-            q.kernel_args = {
-                "weight": _kernel_args(cfg, cfg.weight, module.in_features),
-                "act": _kernel_args(cfg, cfg.act, module.in_features),
-            }
-            q.weight = module.weight
-            if module.bias is not None:
-                q.bias = module.bias
-            setattr(parent, name.rsplit(".", 1)[-1], q)
+    for name, module in chosen:
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        q = QuantLinear(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            weight_quant=config.weight.build(rows=module.out_features) if config.weight else None,
+            act_quant=config.act.build() if config.act else None,
+            hadamard=config.hadamard,
+            device=module.weight.device,
+            dtype=module.weight.dtype,
+        )
+        q.kernel_mode = config.kernel
+        q.kernel_args = {
+            "weight": _kernel_args(config, config.weight, module.in_features),
+            "act": _kernel_args(config, config.act, module.in_features),
+        }
+        q.weight = module.weight
+        if module.bias is not None:
+            q.bias = module.bias
+        setattr(parent, name.rsplit(".", 1)[-1], q)
+    return model
+
+
+def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
+    """The project's Llama: :func:`quantize_` on every ``nn.Linear`` inside ``model.blocks`` (``lm_head`` stays)."""
+    for block in model.blocks:
+        quantize_(block, cfg, filter_fn=lambda module, name: True)
     return model
 
 

@@ -511,7 +511,7 @@ def int8_matmul(
         return c.zero_()
     sa = scale_a if scaled else c
     sb = scale_b if scaled else c
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _int8_matmul_kernel[grid](
         a, b, sa, sb, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         SCALED=scaled, ROUND_BF16=_round_bf16(c.dtype),

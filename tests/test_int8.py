@@ -182,7 +182,7 @@ def test_quant_linear_auto_is_bf16_on_cpu():
 )
 def test_matmul_config_errors(overrides, needle):
     base = [] if overrides[0].startswith("quant=") else ["quant=quest_w4a4"]
-    with pytest.raises(ConfigError, match="quant.matmul") as err:
+    with pytest.raises(ConfigError, match=r"quant\.matmul") as err:
         QuantConfig.from_cfg(compose(*base, *overrides).quant, None)
     assert needle in str(err.value)
 

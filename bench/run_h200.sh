@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Issue #15's measurements in one device call (about 9.5 minutes on an H200): GPU tests, then the benchmarks of
 # BENCHMARKS.md §a-d, each under its own time limit, logs under $OUT (or ./bench_out). Run from the repository root;
-# Hydra's wheels (hydra-core, omegaconf, antlr4-python3-runtime) in ./.whl when the image lacks them.
+# Hydra's wheels (hydra-core, omegaconf, antlr4-python3-runtime) in ./.whl when the image lacks them, and the token
+# cache in ./.tokcache when the image lacks `datasets` (build it where datasets is installed:
+# QUEST_CACHE=$PWD/.tokcache, then the datamodule's prepare_data()). ONLY="train_200m ..." runs a subset of the steps.
 set -u
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
@@ -12,10 +14,12 @@ else
   export PYTHONPATH=.
 fi
 export PYTHONUNBUFFERED=1
+[ -d .tokcache ] && export QUEST_CACHE=$PWD/.tokcache
 start=$(date +%s)
 left() { echo $((${BUDGET_S:-570} - ($(date +%s) - start))); }
 step() {  # step NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.log
   local name=$1 limit=$2; shift 2
+  [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]] && return
   local l; l=$(left); [ "$limit" -gt "$l" ] && limit=$l
   [ "$limit" -le 10 ] && { echo "== $name: skipped (no time left)"; return; }
   echo "== $name (limit ${limit}s)"
@@ -23,6 +27,7 @@ step() {  # step NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.log
   echo "== $name: rc ${PIPESTATUS[0]}, $(( $(date +%s) - start ))s elapsed"
 }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
+TAIL=30 step codes_test 60 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_int8.py -k codes_dequantize
 TAIL=12 step tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_int8.py \
   tests/test_kernels.py::test_cuda_forward_backward_match_reference tests/test_kernels.py::test_torch_compile_fullgraph
 step quantizer 60 python3 bench/bench_quantizer.py --no-torch --shapes 16384x2048 65536x2048

@@ -23,7 +23,7 @@ from timing import median_ms  # bench/timing.py (the script's folder is on sys.p
 from torch import nn
 
 from quest_pl import estimators, kernels, quantizers
-from quest_pl.kernels import _triton, int8
+from quest_pl.kernels import int8
 
 try:
     from quest_pl.quant import QuantLinear
@@ -124,7 +124,6 @@ def main() -> None:
                 f"{fwd['int8'] / fwd['bf16']:.2f}x | {fwd['triton'] / fwd['bf16']:.2f}x |"
             )
     print("ratios: time / bf16 nn.Linear time of the same run (forward columns: / bf16 forward)")
-    print(f"autotuned rotation (kernel, row width): {_triton.tuned_rotations()}")
     if args.profile:
         for d_in, d_out in SHAPES:
             profile(d_in, d_out)

@@ -20,7 +20,6 @@ import torch
 import yaml
 from triton.testing import do_bench
 
-from quest_pl.kernels import _triton
 from quest_pl.model import Llama, LlamaConfig
 from quest_pl.quant import QuantConfig, quantize_model
 
@@ -68,7 +67,6 @@ def main() -> None:
             del model, logits
             torch.cuda.empty_cache()
     print("vs bf16: tokens/s over the bf16 model's, same run")
-    print(f"autotuned rotation (kernel, row width): {_triton.tuned_rotations()}")
 
 
 if __name__ == "__main__":

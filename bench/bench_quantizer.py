@@ -1,9 +1,9 @@
 """Quantizer forward and forward+backward on the GPU: fused Triton kernel vs the PyTorch reference path vs a copy.
 
 QuEST's quantizer on bf16 activations, 4-bit gaussian_mse grid, trust estimator, block-128 Hadamard (half form):
-  triton        kernels.quest_quantize (one read, one write of the values, a bit-packed mask); the rotation autotuned
-  triton dense  the same with the dense 128x128 rotation forced (one tensor-core product per block)
-  triton kron   the same with the Kronecker rotation forced (S_8 ⊗ S_16: two 16-wide products)
+  triton        kernels.quest_quantize (one read, one write of the values, a bit-packed mask), default rotation
+  triton dense  the same with the dense 128x128 rotation (one tensor-core product per block)
+  triton kron   the same with the Kronecker rotation (S_8 ⊗ S_16: two 16-wide products)
   int8 codes    kernels.int8.quantize_codes: int8 codes + per-row scale + mask (forward only; the INT8 path's input)
   torch         quantizers.hadamard_transform + estimators "trust" over quantizers "gaussian_mse"
   torch.compile the same reference function compiled (--compile)
@@ -103,7 +103,6 @@ def main() -> None:
                 cells.append(median_ms(forward_backward(fn, x_grad, grad), graph) / t_copy[graph])
             print(f"| {rows}x{cols} | {name} | " + " | ".join(f"{c:.2f}x" if c == c else "-" for c in cells) + " |")
     print("cells: time / time of the bf16 copy, same timing mode, same run")
-    print(f"autotuned rotation (kernel, row width): {_triton.tuned_rotations()}")
 
 
 if __name__ == "__main__":

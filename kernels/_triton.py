@@ -42,10 +42,10 @@ _RMS_EPS = tl.constexpr(RMS_EPS)
 # columns; otherwise the two-pass kernel (64 rows, 8 warps). The backward: 64 rows x 4 blocks per program, 4 warps.
 MAX_RESIDENT_BLOCKS = 32
 # The Hadamard product: "dense" (one 128x128 tensor-core product per block) or "kron" (S_128 = S_8 ⊗ S_16, two 16-wide
-# products, see `_rotate`). Both give the same values to fp32 rounding.
+# products, see `_rotate`). Both give the same values to fp32 rounding. Dense is the default: on the H200 (2026-12-01,
+# BENCHMARKS.md §a) the Kronecker form ran slower (3.0x vs 2.3x a copy forward at 65536x2048 bf16): its permutes
+# between the two products cost more than the 96 multiply-adds per element it saves.
 ROTATIONS = {"dense": 0, "kron": 1}
-# Without an explicit `rotation`, the compiled kernels autotune between the two per (row width, dtypes, variant) on
-# the first call; the interpreter (one config only) and explicit `num_warps` launches use ROTATION.
 ROTATION = "dense"
 
 
@@ -319,30 +319,8 @@ def _quantize_bwd_kernel(
         tl.store(out_ptr + rows64 * stride_om + cols, _to_output(grad_x, out_ptr.dtype.element_ty, ROUND_BF16), mask=ok)
 
 
-_TUNED = {}
-
-
-def _launch(kernel, grid, args, meta, rotation, num_warps, fixed_warps):
-    """Launch with an explicit rotation (or the interpreter's / fixed-warps default `ROTATION`), else through an
-    autotuner over the rotations (same warps), keyed by the row width; its choice is cached per key."""
-    if rotation is not None or fixed_warps or interpreting():
-        kernel[grid](*args, **meta, ROTATION=ROTATIONS[rotation or ROTATION], num_warps=num_warps)
-        return
-    key = (kernel, num_warps)
-    if key not in _TUNED:
-        configs = [triton.Config({"ROTATION": r}, num_warps=num_warps) for r in ROTATIONS.values()]
-        _TUNED[key] = triton.autotune(configs=configs, key=["n_cols"])(kernel)
-    _TUNED[key][grid](*args, **meta)
-
-
-def tuned_rotations() -> dict:
-    """What the autotuners chose so far: {(kernel name, key): rotation name}, for the benchmarks' reports."""
-    names = {v: k for k, v in ROTATIONS.items()}
-    return {
-        (getattr(kernel, "fn", kernel).__name__, key): names[cfg.kwargs["ROTATION"]]
-        for (kernel, _), tuner in _TUNED.items()
-        for key, cfg in tuner.cache.items()
-    }
+def _launch(kernel, grid, args, meta, rotation, num_warps):
+    kernel[grid](*args, **meta, ROTATION=ROTATIONS[rotation or ROTATION], num_warps=num_warps)
 
 
 def _dot_mode(dtype: torch.dtype) -> int:
@@ -412,11 +390,11 @@ def quantize_forward(
         target = tile_rows or (max(64, nb * triton.next_power_of_2(n_rows)) if interpreting() else 64)
         block_m = max(16 // nb, 1, min(target, 4096) // nb)
         _launch(_quantize_fwd_resident_kernel, (triton.cdiv(n_rows, block_m),), args,
-                dict(common, BLOCK_M=block_m, NB=nb), rotation, num_warps or 4, num_warps is not None)  # fmt: skip
+                dict(common, BLOCK_M=block_m, NB=nb), rotation, num_warps or 4)  # fmt: skip
     else:
         block_m = tile_rows or (max(16, min(256, triton.next_power_of_2(n_rows))) if interpreting() else 64)
         _launch(_quantize_fwd_two_pass_kernel, (triton.cdiv(n_rows, block_m),), args,
-                dict(common, BLOCK_M=block_m), rotation, num_warps or 8, num_warps is not None)  # fmt: skip
+                dict(common, BLOCK_M=block_m), rotation, num_warps or 8)  # fmt: skip
     return result
 
 
@@ -448,7 +426,7 @@ def quantize_backward(
     args = (grad2d, mask, out, n_rows, n_cols, grad2d.stride(0), grad2d.stride(1), mask.stride(0), out.stride(0))
     meta = dict(HADAMARD=hadamard, DOT_MODE=_dot_mode(grad2d.dtype), ROUND_BF16=_round_bf16(grad2d.dtype),
                 BLOCK_M=block_m, BLOCKS_PER_PROGRAM=per_program)  # fmt: skip
-    _launch(_quantize_bwd_kernel, grid, args, meta, rotation, num_warps or 4, num_warps is not None)
+    _launch(_quantize_bwd_kernel, grid, args, meta, rotation, num_warps or 4)
     return out
 
 

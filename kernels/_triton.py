@@ -507,3 +507,34 @@ def int8_matmul(
         SCALED=scaled, ROUND_BF16=_round_bf16(c.dtype),
     )  # fmt: skip
     return c
+
+
+@triton.jit
+def _dequantize_kernel(
+    codes_ptr, scales_ptr, out_ptr, n_rows, n_cols, stride_cm, stride_om,
+    ROUND_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """out = codes · scale[row] in fp32, one rounding to out's dtype."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    codes = tl.load(codes_ptr + rows64 * stride_cm + cols[None, :], mask=ok, other=0).to(tl.float32)
+    scales = tl.load(scales_ptr + rows, mask=rows < n_rows, other=0.0)
+    out = _to_output(codes * scales[:, None], out_ptr.dtype.element_ty, ROUND_BF16)
+    tl.store(out_ptr + rows64 * stride_om + cols[None, :], out, mask=ok)
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """codes (rows, cols) int8 with a unit column stride, scales (rows,) fp32 -> codes · scales[:, None] in dtype."""
+    n_rows, n_cols = codes.shape
+    out = torch.empty((n_rows, n_cols), dtype=dtype, device=codes.device)
+    if out.numel() == 0:
+        return out
+    block_m, block_n = (64, 128) if not interpreting() else (max(16, min(256, triton.next_power_of_2(n_rows))), 512)
+    grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
+    _dequantize_kernel[grid](
+        codes, scales, out, n_rows, n_cols, codes.stride(0), out.stride(0),
+        ROUND_BF16=_round_bf16(dtype), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+    )  # fmt: skip
+    return out

@@ -434,7 +434,10 @@ def quantize_backward(
 def _int8_configs():
     if interpreting():  # the interpreter runs one config only
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4)]
+    # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). The first four ran on the H200 (BENCHMARKS.md §b: ~955 TOPS at
+    # 16384x2048x5632, slower than cuBLAS bf16 at K=640); the last two, for short K loops, are not yet measured.
     shapes = [(128, 256, 128, 8, 3), (128, 128, 128, 8, 4), (256, 128, 128, 8, 3), (64, 128, 128, 4, 4)]
+    shapes += [(128, 128, 64, 4, 4), (128, 64, 128, 4, 3)]
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
         for m, n, k, w, s in shapes

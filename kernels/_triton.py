@@ -13,6 +13,10 @@ x's dtype (rotated basis) and the mask bit-packed (column j in bit j % 8 of byte
 
 Backward: grad_x = (grad ⊙ mask)·H (H symmetric), one pass, a 2-D grid of (row block, column chunk) programs.
 
+INT8 path (`kernels.int8`): the forward kernels' `codes` variant stores the odd integers 2k + 1 as int8 and Δ/2 per
+row instead of the values; `int8_matmul` is a Triton INT8 GEMM (int32 accumulation) with those scales in its
+epilogue; `dequantize` rebuilds the values for the backward in one pass.
+
 Exact Hadamard: H = S/√128 with S the ±1 Sylvester matrix. A bf16 / fp16 element times ±1 is exact, so a 16-bit
 tensor-core product with S accumulated in fp32 is the fp32 sum; fp32 inputs are split into three bf16 parts
 (hi + mid + lo = x exactly) for the same result. Everything after the rotation is fp32.

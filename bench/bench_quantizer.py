@@ -1,7 +1,10 @@
 """Quantizer forward and forward+backward on the GPU: fused Triton kernel vs the PyTorch reference path vs a copy.
 
 QuEST's quantizer on bf16 activations, 4-bit gaussian_mse grid, trust estimator, block-128 Hadamard (half form):
-  triton        kernels.quest_quantize (one read, one write of the values, a bit-packed mask)
+  triton        kernels.quest_quantize (one read, one write of the values, a bit-packed mask), default rotation
+  triton dense  the same with the dense 128x128 rotation (one tensor-core product per block)
+  triton kron   the same with the Kronecker rotation (S_8 ⊗ S_16: two 16-wide products)
+  int8 codes    kernels.int8.quantize_codes: int8 codes + per-row scale + mask (forward only; the INT8 path's input)
   torch         quantizers.hadamard_transform + estimators "trust" over quantizers "gaussian_mse"
   torch.compile the same reference function compiled (--compile)
   copy          y.copy_(x) on the same tensor: the memory floor (read + write of one bf16 tensor)
@@ -9,7 +12,7 @@ Each cell is a ratio to the copy timed the same way in the same run, on random n
 triton.testing.do_bench (CPU launch overhead included: autograd and Python dispatch can hide the GPU time of small
 calls), "graph" the median of triton.testing.do_bench_cudagraph (GPU time alone, launches replayed from a CUDA graph).
 
-    PYTHONPATH=. python bench/bench_quantizer.py [--compile]
+    PYTHONPATH=. python bench/bench_quantizer.py [--compile] [--no-torch]
 """
 
 import argparse
@@ -19,6 +22,7 @@ import torch
 from timing import median_ms  # bench/timing.py (the script's folder is on sys.path)
 
 from quest_pl import estimators, kernels, quantizers
+from quest_pl.kernels import _triton, int8
 
 SHAPES = [(16384, 640), (16384, 2048), (16384, 4096), (65536, 2048)]
 BITS = 4
@@ -33,6 +37,32 @@ def triton_quantizer(x):
     return kernels.quest_quantize(x, bits=BITS)
 
 
+def forced(rotation):
+    return lambda x: _ForcedRotation.apply(x, rotation)
+
+
+class _ForcedRotation(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, rotation):
+        values, mask = _triton.quantize_forward(
+            x, grid="gaussian_mse", n_levels=2**BITS, scale_coef=quantizers.OPTIMAL_GAUSSIAN_SCALES[BITS],
+            hadamard=True, estimator="trust", trust=kernels.DEFAULT_TRUST["gaussian_mse", BITS], clip_scale=1.0,
+            rotation=rotation,
+        )  # fmt: skip
+        ctx.rotation = rotation
+        ctx.save_for_backward(mask)
+        return values
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return _triton.quantize_backward(grad, mask, True, rotation=ctx.rotation), None
+
+
+def codes_quantizer(x):
+    return int8.quantize_codes(x, bits=BITS)[0]
+
+
 def forward_backward(fn, x, grad):
     return lambda: torch.autograd.grad(fn(x), x, grad)
 
@@ -40,16 +70,21 @@ def forward_backward(fn, x, grad):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--compile", action="store_true", help="also time the reference under torch.compile")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference path")
+    parser.add_argument("--shapes", nargs="*", default=[f"{r}x{c}" for r, c in SHAPES], help="ROWSxCOLS ...")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
     reference = reference_quantizer()
-    paths = {"triton": triton_quantizer, "torch": reference}
+    paths = {"triton": triton_quantizer, "triton dense": forced("dense"), "triton kron": forced("kron")}
+    paths["int8 codes"] = codes_quantizer
+    if not args.no_torch:
+        paths["torch"] = reference
     if args.compile:
         paths["torch.compile"] = torch.compile(reference, dynamic=False)
     print("| shape (bf16) | path | fwd eager | fwd graph | fwd+bwd eager | fwd+bwd graph |")
     print("|---|---|---|---|---|---|")
-    for rows, cols in SHAPES:
+    for rows, cols in (tuple(int(v) for v in shape.split("x")) for shape in args.shapes):
         x = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
         grad = torch.randn_like(x)
         copy = torch.empty_like(x)
@@ -62,8 +97,11 @@ def main() -> None:
                 with torch.no_grad():
                     cells.append(median_ms(lambda fn=fn, x=x: fn(x), graph) / t_copy[graph])
             for graph in (False, True):
+                if name == "int8 codes":  # forward only
+                    cells.append(float("nan"))
+                    continue
                 cells.append(median_ms(forward_backward(fn, x_grad, grad), graph) / t_copy[graph])
-            print(f"| {rows}x{cols} | {name} | " + " | ".join(f"{c:.2f}x" for c in cells) + " |")
+            print(f"| {rows}x{cols} | {name} | " + " | ".join(f"{c:.2f}x" if c == c else "-" for c in cells) + " |")
     print("cells: time / time of the bf16 copy, same timing mode, same run")
 
 

@@ -1,33 +1,41 @@
-"""Training throughput and peak memory: BF16 vs QuEST W4A4 (Triton kernels) vs QuEST W4A4 (PyTorch path).
+"""Training throughput, peak memory and loss curve: BF16 vs QuEST W4A4 on the INT8 forward vs QuEST W4A4 with the
+bf16 (fake-quantized) forward GEMM, optionally the PyTorch path.
 
-Runs the real training stack (``quest_pl.train.train``: Lightning, bf16-mixed, ``compile=true``) for a few hundred
-steps per arm on the embedded corpus and reports the median ``train/tokens_per_sec`` after the warm-up (compilation)
-and the peak allocated GPU memory, each as a ratio to the BF16 arm of the same run. GPU only.
+Runs the real training stack (``quest_pl.train.train``: Lightning, bf16-mixed, ``compile=true``) for a few dozen
+steps per arm on the embedded corpus and reports the median ``train/tokens_per_sec`` after the first third of the steps
+(compilation and autotuning excluded), the peak allocated GPU memory, each as a ratio to the BF16 arm of the same
+run, and ``train/loss`` at the logged steps (same seed in every arm: the INT8 and bf16-GEMM curves must agree to the
+rounding differences of METHOD.md §5). Each arm's table row is printed as soon as it finishes. GPU only.
 
-    python bench/bench_train.py --preset llama_30m --steps 300 --batch-size 64
+    PYTHONPATH=. python bench/bench_train.py --preset llama_200m --steps 40 --batch-size 64
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
+import time
 
 import torch
 
 ARMS = {
     "bf16": ["quant=bf16"],
-    "quest_w4a4 (triton)": ["quant=quest_w4a4", "quant.kernel=triton"],
-    "quest_w4a4 (torch)": ["quant=quest_w4a4", "quant.kernel=torch"],
+    "quest_w4a4 int8": ["quant=quest_w4a4", "quant.kernel=triton", "quant.matmul=int8"],
+    "quest_w4a4 bf16-gemm": ["quant=quest_w4a4", "quant.kernel=triton", "quant.matmul=bf16"],
+    "quest_w4a4 torch": ["quant=quest_w4a4", "quant.kernel=torch"],
 }
+DEFAULT_ARMS = ["bf16", "quest_w4a4 int8", "quest_w4a4 bf16-gemm"]
 
 
-def run_arm(preset: str, steps: int, batch_size: int, overrides: list[str]) -> dict:
+def run_arm(preset: str, steps: int, batch_size: int, log_every: int, overrides: list[str]) -> dict:
     from quest_pl.config import compose
     from quest_pl.report import read_scalars
     from quest_pl.train import train
 
     torch.cuda.reset_peak_memory_stats()
+    start = time.time()
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = compose(
             "trainer=gpu",
@@ -35,7 +43,7 @@ def run_arm(preset: str, steps: int, batch_size: int, overrides: list[str]) -> d
             "compile=true",
             "callbacks=none",
             f"trainer.max_steps={steps}",
-            "trainer.log_every_n_steps=10",
+            f"trainer.log_every_n_steps={log_every}",
             f"trainer.val_check_interval={steps}",
             f"data.batch_size={batch_size}",
             "data.val_batches=2",
@@ -43,33 +51,49 @@ def run_arm(preset: str, steps: int, batch_size: int, overrides: list[str]) -> d
             *overrides,
         )
         metrics = train(cfg, run_dir)
-        rates = dict(read_scalars(run_dir)["train/tokens_per_sec"])
+        scalars = read_scalars(run_dir)
+    rates = dict(scalars["train/tokens_per_sec"])
     warm = [v for step, v in sorted(rates.items()) if step > steps // 3]
     return {
         "tokens_per_sec": statistics.median(warm),
         "peak_gib": metrics["peak_memory_gib"],
         "val_loss": metrics["val/loss"],
+        "loss_curve": [(int(step), float(v)) for step, v in scalars["train/loss"]],
+        "wall_s": time.time() - start,
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="llama_30m")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--arms", nargs="*", default=list(ARMS))
+    parser.add_argument("--log-every", type=int, default=5)
+    parser.add_argument("--arms", nargs="*", default=DEFAULT_ARMS, choices=list(ARMS))
+    parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_train.py needs a CUDA GPU")
-    results = {arm: run_arm(args.preset, args.steps, args.batch_size, ARMS[arm]) for arm in args.arms}
-    base = results.get("bf16")
-    print(f"\n{args.preset}, {args.steps} steps, batch {args.batch_size} x seq 512, {torch.cuda.get_device_name()}")
-    print("| arm | tokens/s | vs BF16 | peak GiB | vs BF16 | val loss |")
-    print("|---|---|---|---|---|---|")
-    for arm, r in results.items():
+    print(f"{args.preset}, {args.steps} steps, batch {args.batch_size} x seq 512, {torch.cuda.get_device_name()}")
+    print("| arm | tokens/s | vs BF16 | peak GiB | vs BF16 | val loss | wall s |")
+    print("|---|---|---|---|---|---|---|", flush=True)
+    results = {}
+    for arm in args.arms:
+        r = results[arm] = run_arm(args.preset, args.steps, args.batch_size, args.log_every, ARMS[arm])
+        base = results.get("bf16")
         tps = f"{r['tokens_per_sec'] / base['tokens_per_sec']:.2f}x" if base else "-"
         mem = f"{r['peak_gib'] / base['peak_gib']:.2f}x" if base else "-"
-        print(f"| {arm} | {r['tokens_per_sec']:,.0f} | {tps} | {r['peak_gib']:.2f} | {mem} | {r['val_loss']:.3f} |")
+        print(
+            f"| {arm} | {r['tokens_per_sec']:,.0f} | {tps} | {r['peak_gib']:.2f} | {mem} | {r['val_loss']:.3f} "
+            f"| {r['wall_s']:.0f} |",
+            flush=True,
+        )
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+    print("\ntrain/loss at the logged steps (same seed):")
+    for arm, r in results.items():
+        print(f"  {arm}: " + " ".join(f"{step}:{loss:.4f}" for step, loss in r["loss_curve"]))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Public API:
   quest_quantize(x, ...) -> values          the same forward with the QuEST backward: grad_x = (grad ⊙ mask)·H
   is_supported(grid, bits, estimator, width, device) -> (ok, reason)
   unpack_mask(packed, width) -> bool mask   the kernel stores masks bit-packed (column j in bit j % 8 of byte j // 8)
+The INT8 forward (int8 codes + per-row scales, INT8 GEMM, `int_matmul`) lives in `quest_pl.kernels.int8`.
 
 The kernels are registered as `torch.library` custom ops (`quest_kernels::quantize`, `quest_kernels::quantize_backward`)
 with fake and autograd implementations, so `torch.compile(fullgraph=True)` traces through them; eager calls skip the

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 QUANT_PARAM_MARKERS = (".weight_quant.", ".act_quant.")
 HADAMARD_MODES = ("half", "full")
 KERNEL_MODES = ("auto", "triton", "torch")
+MATMUL_MODES = ("auto", "int8", "bf16")
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class QuantConfig:
     act: OperandSpec | None
     hadamard: str | None  # None, "half" or "full"
     kernel: str = "auto"
+    matmul: str = "auto"  # forward GEMM of a W·A layer: int8 (integer codes, METHOD.md §5), bf16, or auto
 
     def __post_init__(self) -> None:
         """Checks for a config built directly in Python (``from_cfg`` and ``make`` build valid ones)."""
@@ -175,6 +177,13 @@ class QuantConfig:
         if specs["w"] is None and specs["a"] is None:
             return None
         hadamard = mode if get("hadamard", False) else None
+        matmul = get("matmul", "auto")
+        if matmul not in MATMUL_MODES:
+            raise ConfigError(f"quant.matmul={matmul!r}: expected one of {', '.join(MATMUL_MODES)}")
+        if matmul == "int8":
+            reason = _int8_config_error(specs, kernel)
+            if reason:
+                raise ConfigError(f"quant.matmul=int8: {reason}; use quant.matmul=auto or bf16")
         if kernel == "triton":
             for op, spec in specs.items():
                 reason = spec and kernel_unsupported(spec, quantizers.HADAMARD_BLOCK, hadamard is not None)
@@ -191,7 +200,30 @@ class QuantConfig:
                         f"quant.hadamard=true: {key} = {width} is not a multiple of {block} "
                         f"(the Hadamard block size); choose a width divisible by {block}"
                     )
-        return cls(name=get("name", "quant"), weight=specs["w"], act=specs["a"], hadamard=hadamard, kernel=kernel)
+        return cls(
+            name=get("name", "quant"),
+            weight=specs["w"],
+            act=specs["a"],
+            hadamard=hadamard,
+            kernel=kernel,
+            matmul=matmul,
+        )
+
+
+def _int8_config_error(specs: dict, kernel: str) -> str | None:
+    """Why the INT8 forward GEMM cannot serve these operands (both quantized, centered integer grid <= 7 bits, a
+    kernel estimator, kernels allowed), or None."""
+    from quest_pl.kernels.int8 import int8_unsupported
+
+    if specs["w"] is None or specs["a"] is None:
+        return "it needs both operands quantized (a W·A configuration)"
+    if kernel == "torch":
+        return "it runs on the fused kernels, and quant.kernel=torch turns them off"
+    for op, spec in specs.items():
+        reason = int8_unsupported(spec.grid, spec.bits, spec.estimator)
+        if reason:
+            return f"{'weight' if op == 'w' else 'activation'}: {reason}"
+    return None
 
 
 class QuantLinear(nn.Linear):
@@ -222,6 +254,10 @@ class QuantLinear(nn.Linear):
         # (set by quantize_model from quant.kernel), or None for the PyTorch path.
         self.kernel_args: dict[str, dict | None] = {"weight": None, "act": None}
         self.kernel_mode = "torch"
+        # "int8": the forward GEMM on integer codes when both operands are kernel-served (kernels.int8); "bf16": the
+        # fake-quantized product. Set by quantize_model (quant.matmul=auto resolves to int8 on CUDA sm_80+).
+        self.matmul = "bf16"
+        self._frozen_weight_codes = None  # (key, codes, scales): inference reuses the weight's codes
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", hadamard={self.hadamard}"
@@ -252,9 +288,36 @@ class QuantLinear(nn.Linear):
             return t  # full form, or both operands rotated: H H^T = I cancels
         return quantizers.hadamard_transform(t)
 
+    def _uses_int8(self, x: torch.Tensor) -> bool:
+        """Whether this call runs the INT8 forward (METHOD.md §5): both operands on the fused kernels, no mask
+        recording (the diagnostics read masks from the estimator modules), and int8 asked for or auto on sm_80+."""
+        if self.matmul == "bf16" or self.kernel_args["act"] is None or self.kernel_args["weight"] is None:
+            return False
+        if self.act_quant.record_mask or self.weight_quant.record_mask:
+            return False
+        return self.matmul == "int8" and (x.is_cuda or self.kernel_mode == "triton")  # CPU: Triton's interpreter
+
+    def _int8_forward(self, x: torch.Tensor) -> torch.Tensor:
+        from quest_pl.kernels import int8
+
+        act, weight_args = self.kernel_args["act"], self.kernel_args["weight"]
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            y = int8.quest_int8_linear(x, self.weight, act, weight_args)
+        else:  # inference: the weight's codes once per weight version
+            w = self.weight
+            key = (w.data_ptr(), w._version, w.device, w.dtype)
+            if self._frozen_weight_codes is None or self._frozen_weight_codes[0] != key:
+                codes, _, scales = int8.quantize_codes(w, **weight_args)
+                self._frozen_weight_codes = (key, codes, scales)
+            _, codes, scales = self._frozen_weight_codes
+            y = int8.quest_int8_linear_frozen(x, codes, scales, act)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return F.linear(self._rotate(x, self.act_quant), self._rotate(self.weight, self.weight_quant), self.bias)
+        if self._uses_int8(x):
+            return self._int8_forward(x)
         x = self._quantize(x, self.act_quant, "act")
         return F.linear(x, self._quantize(self.weight, self.weight_quant, "weight"), self.bias)
 
@@ -328,6 +391,7 @@ def quantize_(
             "weight": _kernel_args(config, config.weight, module.in_features),
             "act": _kernel_args(config, config.act, module.in_features),
         }
+        q.matmul = _resolve_matmul(config, q.kernel_args)
         q.weight = module.weight
         if module.bias is not None:
             q.bias = module.bias
@@ -340,6 +404,20 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     for block in model.blocks:
         quantize_(block, cfg, filter_fn=lambda module, name: True)
     return model
+
+
+def _resolve_matmul(cfg: QuantConfig, kernel_args: dict) -> str:
+    """quant.matmul for one layer: int8 where both operands are kernel-served on a centered integer grid (and, for
+    auto, CUDA has INT8 tensor cores), else bf16."""
+    if cfg.matmul == "bf16" or _int8_config_error({"w": cfg.weight, "a": cfg.act}, cfg.kernel):
+        return "bf16"
+    if kernel_args["weight"] is None or kernel_args["act"] is None:
+        return "bf16"
+    if cfg.matmul == "int8":
+        return "int8"
+    from quest_pl.kernels.int8 import cuda_int8_available
+
+    return "int8" if cuda_int8_available() else "bf16"
 
 
 def kernel_unsupported(spec: OperandSpec | None, width: int, hadamard: bool) -> str | None:

@@ -101,13 +101,15 @@ def test_forward_matches_reference(grid, bits, estimator, kwargs, dtype, shape):
     assert packed.dtype == torch.uint8 and packed.shape == (shape[0], shape[1] // 8)
 
 
+@pytest.mark.parametrize("rotation", ["dense", "kron"])
 @pytest.mark.parametrize("resident", [True, False])
 @pytest.mark.parametrize("shape", [(5, 128), (3, 640)], ids=lambda s: f"{s[0]}x{s[1]}")
-def test_both_forward_kernels(resident, shape):
-    """The resident kernel (whole rows in registers, padded to a power of two of blocks) and the two-pass kernel."""
+def test_both_forward_kernels(resident, shape, rotation):
+    """The resident kernel (whole rows in registers, padded to a power of two of blocks) and the two-pass kernel,
+    each with the dense 128x128 rotation and the Kronecker one (S_8 ⊗ S_16)."""
     x = _randn(shape, torch.bfloat16, seed=7)
     args = _kernel_args("gaussian_mse", 4, "trust", {})
-    values, mask, _ = _poisoned_forward(x, resident=resident, **args)
+    values, mask, _ = _poisoned_forward(x, resident=resident, rotation=rotation, **args)
     ref_values, ref_mask = _reference(x, "gaussian_mse", 4, "trust", {})
     _assert_close_values(values, ref_values)
     _assert_masks(mask, ref_mask)
@@ -185,13 +187,29 @@ def test_gradient_matches_detach_carrier(grid, bits, estimator, kwargs, dtype):
     assert ((got - ref).abs() <= tol).all(), (got - ref).abs().max()
 
 
-def test_backward_kernel_poisoned_and_unmasked():
+@pytest.mark.parametrize("rotation", ["dense", "kron"])
+def test_backward_kernel_poisoned_and_unmasked(rotation):
     """Backward with an all-ones mask is the plain transposed Hadamard; every element is written."""
     grad = _randn((3, 384), torch.float32, seed=13)
     packed = torch.full((3, 48), 0xFF, dtype=torch.uint8, device=DEVICE)
     out = torch.full_like(grad, float("nan"))
-    _triton.quantize_backward(grad, packed, True, out=out)
+    _triton.quantize_backward(grad, packed, True, rotation=rotation, out=out)
     torch.testing.assert_close(out, quantizers.hadamard_transform(grad), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kron_rotation_equals_the_sylvester_matrix(dtype):
+    """S_128 = S_8 ⊗ S_16: the two-product rotation gives x·H of the exact Sylvester matrix (one-hot rows pick out
+    its rows; random rows agree with the fp64 product to fp32 rounding), fp32 inputs through the bf16 split."""
+    eye = torch.eye(128, device=DEVICE, dtype=dtype)
+    ones = torch.full((128, 16), 0xFF, dtype=torch.uint8, device=DEVICE)
+    got = _triton.quantize_backward(eye, ones, True, rotation="kron").double().cpu()
+    assert torch.equal(got, quantizers.hadamard_matrix(torch.float64).to(dtype).double())
+    x = _randn((16, 256), dtype, seed=14)
+    got = _triton.quantize_backward(x, ones[:16].repeat(1, 2), True, rotation="kron").double().cpu()
+    exact = quantizers.hadamard_transform(x.double().cpu())
+    row_norm = exact.norm(dim=1, keepdim=True)
+    assert ((got - exact).abs() <= torch.finfo(dtype).eps * exact.abs() + 1e-6 * row_norm).all()
 
 
 def test_bad_inputs_raise_value_error():
@@ -231,8 +249,10 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 @pytest.mark.gpu
 @cuda
+@pytest.mark.parametrize("rotation", list(_triton.ROTATIONS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cuda_forward_backward_match_reference(dtype):
+def test_cuda_forward_backward_match_reference(dtype, rotation, monkeypatch):
+    monkeypatch.setattr(_triton, "ROTATION", rotation)
     x = _randn((1027, 2048), dtype, seed=21)
     values, mask = kernels.fused_quantize(x, bits=4)
     ref_values, ref_mask = _reference(x, "gaussian_mse", 4, "trust", {})

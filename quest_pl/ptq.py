@@ -387,7 +387,7 @@ def quantize_model_aqlm(model: nn.Module, cfg: PTQConfig, calib: list[torch.Tens
 
             def on_round(_r, err, rounds=rounds):
                 rounds.update(1)
-                rounds.set_postfix(rel_err=f"{err:.4f}")
+                rounds.set_postfix(rel_err=f"{err:.3g}")
 
             q = aqlm.quantize(
                 weight, gram, group_size=s.group_size, num_codebooks=s.num_codebooks,
@@ -405,7 +405,7 @@ def quantize_model_aqlm(model: nn.Module, cfg: PTQConfig, calib: list[torch.Tens
             parent = block.get_submodule(name.rsplit(".", 1)[0]) if "." in name else block
             setattr(parent, name.rsplit(".", 1)[-1], AQLMLinear(q, linear.bias, cfg.hadamard, act_quant))
             bar.update(1)
-            bar.set_postfix(rel_err=f"{rel:.4f}")
+            bar.set_postfix(rel_err=f"{rel:.3g}")
         hidden = [(block(*args), *args[1:]) for args in hidden]
     bar.close()
     weights = sum(v["weights"] for v in layers.values())

@@ -94,16 +94,17 @@ def relative_error(weight: Tensor, weight_hat: Tensor, gram: Tensor) -> float:
 # -- initialisation -------------------------------------------------------------------------------------------------
 def kmeans(points: Tensor, k: int, iters: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """Lloyd's k-means of ``points`` ``(n, g)``: ``(centroids (k, g), assignment (n,))``. Centroids start at ``k``
-    distinct random points (with replacement and a little noise when ``n < k``); an empty cluster keeps its centroid.
-    Sums per cluster by sorting (no atomics), so the result is deterministic on GPU too."""
+    distinct random points; an empty cluster keeps its centroid. With ``n <= k`` (a 2^16 codebook on a small layer)
+    every point is its own centroid and the other ``k - n`` are jittered copies. Sums per cluster by sorting (no
+    atomics), so the result is deterministic on GPU too."""
     n = points.shape[0]
-    if n >= k:
-        idx = torch.randperm(n, generator=generator, device="cpu")[:k].to(points.device)
-        centroids = points[idx].clone()
-    else:
-        idx = torch.randint(n, (k,), generator=generator, device="cpu").to(points.device)
-        noise = torch.randn(k, points.shape[1], generator=generator, device="cpu").to(points.device)
-        centroids = points[idx] + 1e-2 * points.std() * noise
+    if n <= k:
+        idx = torch.randint(n, (k - n,), generator=generator, device="cpu").to(points.device)
+        noise = torch.randn(k - n, points.shape[1], generator=generator, device="cpu").to(points.device)
+        centroids = torch.cat((points, points[idx] + 1e-2 * points.std() * noise))
+        return centroids, torch.arange(n, device=points.device)
+    idx = torch.randperm(n, generator=generator, device="cpu")[:k].to(points.device)
+    centroids = points[idx].clone()
     assign = nearest(points, centroids)
     for _ in range(iters):
         order = torch.argsort(assign, stable=True)

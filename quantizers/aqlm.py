@@ -38,6 +38,7 @@ from torch import Tensor
 STORAGE_BITS = 16  # codebooks and scales are stored (and rounded) in fp16
 MAX_CODEBOOK_BITS = 16
 _CHUNK_ELEMENTS = 1 << 24  # bound on rows x beam x K candidate scores held at once
+EXACT = 1e-9  # a relative output error below this is exact up to fp32 rounding: no further rounds
 
 
 @dataclass
@@ -233,12 +234,15 @@ def quantize(
     adam_steps: int = 100,
     lr: float = 1e-3,
     kmeans_iters: int = 10,
+    tolerance: float = 0.0,
     seed: int = 0,
     on_round: Callable[[int, float], None] | None = None,
 ) -> AQLMWeight:
     """AQLM of ``weight`` ``(out, in)`` against the calibration Gram ``gram`` ``(in, in)`` (see the module docstring):
-    k-means initialisation, then ``rounds`` of beam search + ``adam_steps`` Adam steps; returns the best state, its
-    codebooks and scales rounded to fp16. ``on_round(round, relative_error)`` is called after each round."""
+    k-means initialisation, then up to ``rounds`` of beam search + ``adam_steps`` Adam steps, stopping early once a
+    round lowers the relative error by less than ``tolerance`` times its value (or the error is below ``EXACT``);
+    returns the best state, its codebooks and scales rounded to fp16. ``on_round(round, relative_error)`` is called
+    after each round."""
     cols = weight.shape[1]
     if cols % group_size:
         raise ValueError(f"group_size={group_size} does not divide in_features={cols}")
@@ -249,11 +253,16 @@ def quantize(
     q = initialise(weight, group_size, num_codebooks, codebook_bits, kmeans_iters, generator)
     best, best_err = q, relative_error(weight, q.dequantize(), gram)
     for r in range(rounds):
+        if best_err < EXACT:
+            break
         q = AQLMWeight(beam_search(weight, gram, q, beam_size, generator), q.codebooks, q.scales)
         q = adam_update(weight, gram, q, adam_steps, lr)
         err = relative_error(weight, q.dequantize(), gram)
-        if err < best_err:
-            best, best_err = q, err
         if on_round is not None:
             on_round(r, err)
+        improved = best_err - err
+        if err < best_err:
+            best, best_err = q, err
+        if improved < tolerance * (best_err + improved):
+            break
     return round_to_storage(best)

@@ -68,6 +68,7 @@ class AQLMSettings:
     adam_steps: int = 100  # Adam steps on codebooks and scales per round
     lr: float = 1e-3  # relative to each tensor's mean magnitude
     kmeans_iters: int = 10  # residual k-means initialisation
+    tolerance: float = 0.01  # stop a layer's rounds once one improves its relative error by less than this fraction
     finetune_steps: int = 0  # end-to-end fine-tuning of codebooks and scales (0: off)
     finetune_lr: float = 1e-4
     seed: int = 0
@@ -84,6 +85,8 @@ class AQLMSettings:
             number = isinstance(v, (int, float)) and not isinstance(v, bool)
             if f.name in ("lr", "finetune_lr"):
                 ok, allowed = number and v > 0, "a number > 0"
+            elif f.name == "tolerance":
+                ok, allowed = number and 0 <= v < 1, "a number in [0, 1)"
             elif f.name == "seed":
                 ok, allowed = isinstance(v, int) and not isinstance(v, bool), "an integer"
             else:
@@ -91,7 +94,7 @@ class AQLMSettings:
                 ok, allowed = isinstance(v, int) and not isinstance(v, bool) and v >= least, f"an integer >= {least}"
             if not ok:
                 raise ConfigError(f"ptq.aqlm.{f.name}={v!r}: expected {allowed}")
-            values[f.name] = float(v) if f.name in ("lr", "finetune_lr") else v
+            values[f.name] = float(v) if f.name in ("lr", "finetune_lr", "tolerance") else v
         return cls(**values)
 
 
@@ -392,7 +395,8 @@ def quantize_model_aqlm(model: nn.Module, cfg: PTQConfig, calib: list[torch.Tens
             q = aqlm.quantize(
                 weight, gram, group_size=s.group_size, num_codebooks=s.num_codebooks,
                 codebook_bits=int(cfg.codebook_bits), beam_size=s.beam_size, rounds=s.rounds,
-                adam_steps=s.adam_steps, lr=s.lr, kmeans_iters=s.kmeans_iters, seed=s.seed + len(layers),
+                adam_steps=s.adam_steps, lr=s.lr, kmeans_iters=s.kmeans_iters, tolerance=s.tolerance,
+                seed=s.seed + len(layers),
                 on_round=on_round,
             )  # fmt: skip
             rounds.close()

@@ -1,4 +1,4 @@
-"""Data-free post-training quantization (PTQ) of a trained checkpoint, HIGGS-style: QAT against PTQ at equal bits.
+"""Post-training quantization (PTQ) of a trained checkpoint: data-free HIGGS-style grids, or calibrated AQLM (below).
 
 Every linear that QAT would quantize (those inside the transformer blocks, :func:`quest_pl.quant.quantize_model`) gets
 its weight replaced, once and without data, by ``Q(W H)``: the block-128 Hadamard H along ``in_features`` (optional),

@@ -1,4 +1,4 @@
-"""Data-free post-training quantization (PTQ) of a trained checkpoint, HIGGS-style: QAT against PTQ at equal bits.
+"""Post-training quantization (PTQ) of a trained checkpoint: data-free HIGGS-style grids, or calibrated AQLM (below).
 
 Every linear that QAT would quantize (those inside the transformer blocks, :func:`quest_pl.quant.quantize_model`) gets
 its weight replaced, once and without data, by ``Q(W H)``: the block-128 Hadamard H along ``in_features`` (optional),
@@ -14,14 +14,32 @@ Command line (``experiments/config.yaml``, group ``ptq``)::
 
 evaluates on the validation split of the run that wrote the checkpoint (its ``.hydra/config.yaml``; else the composed
 ``data`` group), logs ``val/loss`` and ``val/ppl`` to TensorBoard at the checkpoint's step and writes ``metrics.json``.
+
+``ptq.method=aqlm`` replaces the scalar grid by additive vector quantization (AQLM, :mod:`quest_pl.quantizers.aqlm`),
+which is **calibrated, not data-free**: each block linear's weight is coded in groups of ``ptq.aqlm.group_size`` = g
+input weights as a sum of ``ptq.aqlm.num_codebooks`` = M codewords from learned codebooks of ``2^B`` vectors, with
+``B = ptq.bits * g / M`` (``ptq.bits=2``: the paper's 2x8 at g = 8 by default, 1x16 with ``ptq.aqlm.num_codebooks=1``),
+minimising the layer's output error on the inputs it sees on the first ``ptq.calib_batches`` training batches of the
+run, block by block (later blocks calibrated on the outputs of the already quantized ones)::
+
+    python run.py ptq.from=<ckpt> ptq.method=aqlm ptq.bits=2 [ptq.aqlm.num_codebooks=1] [ptq.aqlm.finetune_steps=200]
+
+``ptq.aqlm.finetune_steps`` > 0 adds the end-to-end fine-tuning of all codebooks and scales (codes fixed) by Adam on
+the KL divergence to the full-precision model's next-token distribution, on the same calibration batches.
+``metrics.json`` reports the bits per weight including the fp16 codebooks and scales (``aqlm.bits_per_weight``): on
+small layers the codebooks cost more than the codes (2x8 adds ``2 * 256 * 8 * 16`` bits per layer, 1x16 ``2^16 * 8 *
+16``; on the tiny model 2x8 is about 3 bits per weight in all). 1x16 is slow on CPU (every code choice scores 65,536
+codewords); it runs on the GPU when ``trainer.accelerator`` allows.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,13 +49,59 @@ from torch import nn
 
 from quest_pl import quantizers
 from quest_pl.config import ConfigError
+from quest_pl.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
 
+METHODS = ("scalar", "aqlm")
+
+
+@dataclass(frozen=True)
+class AQLMSettings:
+    """``ptq.aqlm.*``: the AQLM arm's code layout and optimisation (:func:`quest_pl.quantizers.aqlm.quantize`)."""
+
+    group_size: int = 8  # g consecutive input weights per code group
+    num_codebooks: int = 2  # M; each has 2^B vectors, B = bits * g / M
+    beam_size: int = 8
+    rounds: int = 6  # alternations of beam search and Adam
+    adam_steps: int = 100  # Adam steps on codebooks and scales per round
+    lr: float = 1e-3  # relative to each tensor's mean magnitude
+    kmeans_iters: int = 10  # residual k-means initialisation
+    tolerance: float = 0.01  # stop a layer's rounds once one improves its relative error by less than this fraction
+    finetune_steps: int = 0  # end-to-end fine-tuning of codebooks and scales (0: off)
+    finetune_lr: float = 1e-4
+    seed: int = 0
+
+    @classmethod
+    def from_cfg(cls, a) -> AQLMSettings:
+        a = a or {}
+        unknown = sorted(set(a) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ConfigError(f"ptq.aqlm.{unknown[0]}: unknown key; known: {', '.join(f.name for f in fields(cls))}")
+        values = {}
+        for f in fields(cls):
+            v = a.get(f.name, f.default)
+            number = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if f.name in ("lr", "finetune_lr"):
+                ok, allowed = number and v > 0, "a number > 0"
+            elif f.name == "tolerance":
+                ok, allowed = number and 0 <= v < 1, "a number in [0, 1)"
+            elif f.name == "seed":
+                ok, allowed = isinstance(v, int) and not isinstance(v, bool), "an integer"
+            else:
+                least = 0 if f.name in ("adam_steps", "kmeans_iters", "finetune_steps") else 1
+                ok, allowed = isinstance(v, int) and not isinstance(v, bool) and v >= least, f"an integer >= {least}"
+            if not ok:
+                raise ConfigError(f"ptq.aqlm.{f.name}={v!r}: expected {allowed}")
+            values[f.name] = float(v) if f.name in ("lr", "finetune_lr", "tolerance") else v
+        return cls(**values)
+
+
 @dataclass(frozen=True)
 class PTQConfig:
-    """What PTQ does to every block linear: weight grid and bits, Hadamard, scale granularity, activations."""
+    """What PTQ does to every block linear: weight grid and bits, Hadamard, scale granularity, activations; or, with
+    ``method="aqlm"``, additive vector quantization calibrated on ``calib_batches`` training batches."""
 
     grid: str = "gaussian_mse"
     bits: float = 4
@@ -45,18 +109,62 @@ class PTQConfig:
     group_size: int | None = None  # None: one scale per row; g: one per g consecutive elements of a row
     act_bits: float | None = None  # None: activations in full precision (WxA16)
     act_grid: str | None = None  # None: the weight grid
+    method: str = "scalar"  # scalar (a data-free grid) | aqlm (calibrated additive quantization)
+    calib_batches: int = 16  # aqlm: training batches whose activations calibrate every layer
+    aqlm: AQLMSettings = field(default_factory=AQLMSettings)
 
     @property
     def name(self) -> str:
-        """``ptq_<grid>[_nohad][_g<g>]_w<b>a<b>``, e.g. ``ptq_gaussian_mse_w4a16``."""
+        """``ptq_<grid>[_nohad][_g<g>]_w<b>a<b>``, e.g. ``ptq_gaussian_mse_w4a16``; for AQLM
+        ``aqlm[_<M>x<B>][_g<g>][_nohad][_ft]_w<b>[a<b>]`` (the paper's 2x8 at g = 8 unnamed), e.g. ``aqlm_w2``."""
+        a = "16" if self.act_bits is None else f"{float(self.act_bits):g}"
+        if self.method == "aqlm":
+            s = self.aqlm
+            parts = ["aqlm"] + ([] if (s.num_codebooks, self.codebook_bits) == (2, 8) else [self.codebook_layout])
+            parts += ([] if s.group_size == 8 else [f"g{s.group_size}"]) + ([] if self.hadamard else ["nohad"])
+            parts += ["ft"] if s.finetune_steps else []
+            return "_".join(parts) + f"_w{float(self.bits):g}" + ("" if self.act_bits is None else f"a{a}")
         parts = ["ptq", self.grid] + ([] if self.hadamard else ["nohad"])
         parts += [f"g{self.group_size}"] if self.group_size else []
-        a = "16" if self.act_bits is None else f"{float(self.act_bits):g}"
         return "_".join(parts) + f"_w{float(self.bits):g}a{a}"
+
+    @property
+    def codebook_bits(self) -> float:
+        """AQLM's B: ``bits * g / M`` (an integer for a valid setting)."""
+        return float(self.bits) * self.aqlm.group_size / self.aqlm.num_codebooks
+
+    @property
+    def codebook_layout(self) -> str:
+        """``<M>x<B>``, the paper's notation (``2x8``, ``1x16``)."""
+        return f"{self.aqlm.num_codebooks}x{self.codebook_bits:g}"
+
+    def settings(self) -> dict:
+        """What this setting is, for ``metrics.json``, TensorBoard and the sweep cache: the scalar keys for a scalar
+        grid (as before AQLM existed), and the method, calibration and AQLM keys for AQLM."""
+        d = asdict(self)
+        if self.method == "scalar":
+            return {k: d[k] for k in ("grid", "bits", "hadamard", "group_size", "act_bits", "act_grid")}
+        d.pop("grid"), d.pop("group_size")
+        return d | {"codebook_bits": int(self.codebook_bits)}
+
+    @classmethod
+    def name_of(cls, p) -> str:
+        """The name of a ``ptq`` config group's setting, without validating it (``run_name`` of a PTQ job)."""
+        keys = ("grid", "bits", "hadamard", "group_size", "act_bits", "act_grid", "method", "calib_batches")
+        values = {k: p.get(k) for k in keys if p.get(k) is not None or k in ("group_size", "act_bits", "act_grid")}
+        aqlm = p.get("aqlm") or {}
+        names = {f.name for f in fields(AQLMSettings)}
+        try:
+            return cls(**values, aqlm=AQLMSettings(**{k: v for k, v in aqlm.items() if k in names})).name
+        except (TypeError, ValueError, ZeroDivisionError):
+            return "ptq_invalid"  # ptq.run reports the bad value
 
     @classmethod
     def from_cfg(cls, p) -> PTQConfig:
         """From the ``ptq`` config group, with one-line errors naming the ``ptq.*`` key."""
+        method = p.get("method", "scalar")
+        if method not in METHODS:
+            raise ConfigError(f"ptq.method={method!r}: expected {' or '.join(METHODS)}")
         if not isinstance(p.get("hadamard", True), bool):
             raise ConfigError(f"ptq.hadamard={p.get('hadamard')!r}: expected true or false")
         g = p.get("group_size")
@@ -64,6 +172,9 @@ class PTQConfig:
             raise ConfigError(
                 f"ptq.group_size={g!r}: expected null (per row) or a multiple of {quantizers.HADAMARD_BLOCK}"
             )
+        calib = p.get("calib_batches", 16)
+        if not isinstance(calib, int) or isinstance(calib, bool) or calib < 1:
+            raise ConfigError(f"ptq.calib_batches={calib!r}: expected an integer >= 1")
         cfg = cls(
             grid=p.get("grid"),
             bits=p.get("bits"),
@@ -71,15 +182,40 @@ class PTQConfig:
             group_size=g,
             act_bits=p.get("act_bits"),
             act_grid=p.get("act_grid"),
+            method=method,
+            calib_batches=calib,
+            aqlm=AQLMSettings.from_cfg(p.get("aqlm")),
         )
+        if method == "aqlm":
+            cfg.check_aqlm()
         cfg.build_quantizers()
         return cfg
 
-    def build_quantizers(self) -> tuple[nn.Module, nn.Module | None]:
-        """The weight grid and the activation grid (or None), as ``quantizers.build`` gives them."""
+    def check_aqlm(self) -> None:
+        from quest_pl.quantizers.aqlm import MAX_CODEBOOK_BITS
+
+        if self.group_size is not None:
+            raise ConfigError(
+                f"ptq.group_size={self.group_size}: ptq.method=aqlm has one scale per row "
+                "(its code groups: ptq.aqlm.group_size)"
+            )
+        bits = self.bits
+        if not isinstance(bits, (int, float)) or isinstance(bits, bool) or bits <= 0:
+            raise ConfigError(f"ptq.bits={bits!r}: expected a number > 0")
+        b = self.codebook_bits
+        if b != int(b) or not 1 <= b <= MAX_CODEBOOK_BITS:
+            s = self.aqlm
+            raise ConfigError(
+                f"ptq.bits={bits!r}: ptq.method=aqlm needs codebooks of 2^B vectors with B = bits * "
+                f"ptq.aqlm.group_size / ptq.aqlm.num_codebooks = {bits:g} * {s.group_size} / {s.num_codebooks} = {b:g} "
+                f"an integer in 1..{MAX_CODEBOOK_BITS}"
+            )
+
+    def build_quantizers(self) -> tuple[nn.Module | None, nn.Module | None]:
+        """The weight grid (None for AQLM) and the activation grid (or None), as ``quantizers.build`` gives them."""
         out = []
         for key, grid, bits in (("", self.grid, self.bits), ("act_", self.act_grid or self.grid, self.act_bits)):
-            if key and bits is None:
+            if (key and bits is None) or (not key and self.method == "aqlm"):
                 out.append(None)
                 continue
             if grid not in quantizers.GRIDS:
@@ -125,7 +261,10 @@ class PTQLinear(nn.Module):
 
 @torch.no_grad()
 def quantize_model_ptq(model: nn.Module, cfg: PTQConfig) -> nn.Module:
-    """Replace, in place, every ``nn.Linear`` inside ``model.blocks`` by a :class:`PTQLinear` holding ``Q(W H)``."""
+    """Replace, in place, every ``nn.Linear`` inside ``model.blocks`` by a :class:`PTQLinear` holding ``Q(W H)``
+    (the data-free grids; AQLM needs calibration data: :func:`quantize_model_aqlm`)."""
+    if cfg.method != "scalar":
+        raise ValueError(f"quantize_model_ptq: method {cfg.method!r} needs calibration data (quantize_model_aqlm)")
     grid, act_grid = cfg.build_quantizers()
     for block in model.blocks:
         for name, module in list(block.named_modules()):
@@ -142,6 +281,224 @@ def quantize_model_ptq(model: nn.Module, cfg: PTQConfig) -> nn.Module:
             parent = block.get_submodule(name.rsplit(".", 1)[0]) if "." in name else block
             setattr(parent, name.rsplit(".", 1)[-1], PTQLinear(weight_q, module.bias, cfg.hadamard, act_grid))
     return model
+
+
+# -- AQLM (calibrated additive quantization) ------------------------------------------------------------------------
+class AQLMLinear(nn.Module):
+    """A linear layer whose weight is additive-quantized (:mod:`quest_pl.quantizers.aqlm`): codes (buffer), codebooks
+    and per-row scales (parameters, frozen except during end-to-end fine-tuning), in the (optionally) Hadamard-rotated
+    basis: ``y = Qa(x H) W_hat^T`` with ``W_hat = dequantize(codes, codebooks, scales)``."""
+
+    def __init__(self, q, bias: torch.Tensor | None, hadamard: bool, act_quant: nn.Module | None):
+        super().__init__()
+        self.register_buffer("codes", q.codes)
+        self.codebooks = nn.Parameter(q.codebooks, requires_grad=False)
+        self.scales = nn.Parameter(q.scales, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.hadamard = hadamard
+        self.act_quant = act_quant
+
+    @property
+    def weight(self) -> torch.Tensor:
+        from quest_pl.quantizers.aqlm import dequantize
+
+        return dequantize(self.codes, self.codebooks, self.scales)
+
+    def extra_repr(self) -> str:
+        (out, groups, m), (_, k, g) = self.codes.shape, self.codebooks.shape
+        return f"in_features={groups * g}, out_features={out}, codebooks={m}x{k.bit_length() - 1}, group_size={g}, " \
+            f"hadamard={self.hadamard}"  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hadamard:
+            x = quantizers.hadamard_transform(x)
+        if self.act_quant is not None:
+            x = self.act_quant(x)
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+def calibration_batches(dm, n: int) -> list[torch.Tensor]:
+    """The inputs of the first ``n`` training micro-batches of the run (its seeded batch order, rank 0)."""
+    from quest_pl.data import StepBatches, TokenWindows
+
+    hp = dm.hparams
+    batches = StepBatches(TokenWindows(dm.train_tokens, hp.seq_len), hp.batch_size, hp.seed)
+    return [batches[m][0] for m in range(n)]
+
+
+def _block_linears(model: nn.Module, cfg: PTQConfig) -> list[list[tuple[str, nn.Linear]]]:
+    """Per block, the ``nn.Linear`` layers AQLM replaces, after checking their widths (one-line errors)."""
+    out = []
+    g = cfg.aqlm.group_size
+    for block in model.blocks:
+        linears = [(name, m) for name, m in block.named_modules() if type(m) is nn.Linear]
+        for name, m in linears:
+            if cfg.hadamard and m.in_features % quantizers.HADAMARD_BLOCK:
+                raise ConfigError(
+                    f"ptq.hadamard=true: {name} has in_features = {m.in_features}, not a multiple of "
+                    f"{quantizers.HADAMARD_BLOCK}"
+                )
+            if m.in_features % g:
+                raise ConfigError(f"ptq.aqlm.group_size={g}: does not divide {name}'s in_features = {m.in_features}")
+        out.append(linears)
+    return out
+
+
+@torch.no_grad()
+def quantize_model_aqlm(model: nn.Module, cfg: PTQConfig, calib: list[torch.Tensor], progress: bool = True) -> dict:
+    """Replace, in place, every ``nn.Linear`` inside ``model.blocks`` by an :class:`AQLMLinear` (on the model's
+    device). Block by block: the Gram matrix of each linear's inputs ``H = X^T X / n`` over all tokens of ``calib``
+    (inputs of the block computed by the already quantized blocks below; rotated ``H^T ... H`` with the Hadamard),
+    then :func:`quest_pl.quantizers.aqlm.quantize` of each weight. With ``cfg.aqlm.finetune_steps``, end-to-end
+    fine-tuning follows (:func:`finetune_aqlm`). Returns the statistics ``metrics.json`` reports."""
+    from tqdm.auto import tqdm
+
+    from quest_pl.quantizers import aqlm
+
+    s = cfg.aqlm
+    start = time.perf_counter()
+    per_block = _block_linears(model, cfg)
+    _, act_quant = cfg.build_quantizers()
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    teacher = copy.deepcopy(model) if s.finetune_steps else None
+    calib = [idx.to(device) for idx in calib]
+    hidden = _block_inputs(model, calib)  # [(x, *rest)] per batch: the first block's arguments
+    layers: dict[str, dict] = {}
+    total = sum(len(ls) for ls in per_block)
+    bar = tqdm(total=total, desc=f"AQLM {cfg.codebook_layout} layers", unit="layer", disable=not progress)
+    for b, (block, linears) in enumerate(zip(model.blocks, per_block)):
+        grams = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=device)
+                 for name, m in linears}  # fmt: skip
+        tokens = {name: 0 for name, _ in linears}
+
+        hooks = [m.register_forward_pre_hook(partial(_accumulate_gram, grams, tokens, name)) for name, m in linears]
+        try:
+            for args in hidden:
+                block(*args)
+        finally:
+            for h in hooks:
+                h.remove()
+        for name, linear in linears:
+            gram = (grams[name] / tokens[name]).float()
+            weight = linear.weight.detach().float()
+            if cfg.hadamard:
+                weight = quantizers.hadamard_transform(weight)
+                gram = quantizers.hadamard_transform(quantizers.hadamard_transform(gram).T)  # H^T G H (H symmetric)
+            rounds = tqdm(total=s.rounds, desc=f"  blocks.{b}.{name}", unit="round", leave=False, disable=not progress)
+
+            def on_round(_r, err, rounds=rounds):
+                rounds.update(1)
+                rounds.set_postfix(rel_err=f"{err:.3g}")
+
+            q = aqlm.quantize(
+                weight, gram, group_size=s.group_size, num_codebooks=s.num_codebooks,
+                codebook_bits=int(cfg.codebook_bits), beam_size=s.beam_size, rounds=s.rounds,
+                adam_steps=s.adam_steps, lr=s.lr, kmeans_iters=s.kmeans_iters, tolerance=s.tolerance,
+                seed=s.seed + len(layers),
+                on_round=on_round,
+            )  # fmt: skip
+            rounds.close()
+            rel = aqlm.relative_error(weight, q.dequantize(), gram)
+            layers[f"blocks.{b}.{name}"] = {
+                "rel_output_error": rel,
+                "weights": weight.numel(),
+                "bits_per_weight": q.bits_per_weight(),
+            }
+            parent = block.get_submodule(name.rsplit(".", 1)[0]) if "." in name else block
+            setattr(parent, name.rsplit(".", 1)[-1], AQLMLinear(q, linear.bias, cfg.hadamard, act_quant))
+            bar.update(1)
+            bar.set_postfix(rel_err=f"{rel:.3g}")
+        hidden = [(block(*args), *args[1:]) for args in hidden]
+    bar.close()
+    weights = sum(v["weights"] for v in layers.values())
+    stats = {
+        "codebooks": cfg.codebook_layout,
+        "group_size": s.group_size,
+        "code_bits_per_weight": s.num_codebooks * cfg.codebook_bits / s.group_size,
+        "bits_per_weight": sum(v["bits_per_weight"] * v["weights"] for v in layers.values()) / weights,
+        "calib_tokens": sum(idx.numel() for idx in calib),
+        "mean_rel_output_error": sum(v["rel_output_error"] for v in layers.values()) / len(layers),
+        "layers": layers,
+    }
+    if s.finetune_steps:
+        stats["finetune_kl"] = finetune_aqlm(model, teacher, calib, s.finetune_steps, s.finetune_lr, progress)
+    stats["quantize_s"] = time.perf_counter() - start
+    model.train(was_training)
+    return stats
+
+
+def _accumulate_gram(grams: dict, tokens: dict, name: str, _module, args) -> None:
+    x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+    grams[name].addmm_(x.T, x)
+    tokens[name] += x.shape[0]
+
+
+class _BlockInputs(Exception):
+    def __init__(self, args: tuple):
+        self.args = args
+
+
+def _block_inputs(model: nn.Module, calib: list[torch.Tensor]) -> list[tuple]:
+    """The positional arguments the first block receives for each calibration batch (the model runs up to it)."""
+
+    def stop(_module, args):
+        raise _BlockInputs(tuple(a.detach() if torch.is_tensor(a) else a for a in args))
+
+    hook = model.blocks[0].register_forward_pre_hook(stop)
+    out = []
+    try:
+        for idx in calib:
+            try:
+                model(idx)
+            except _BlockInputs as e:
+                out.append(e.args)
+    finally:
+        hook.remove()
+    return out
+
+
+def finetune_aqlm(model: nn.Module, teacher: nn.Module, calib: list[torch.Tensor], steps: int, lr: float,
+                  progress: bool = True) -> list[float]:  # fmt: skip
+    """End-to-end fine-tuning of every :class:`AQLMLinear`'s codebooks and scales (codes fixed), by Adam on the KL
+    divergence from the full-precision ``teacher``'s next-token distribution to the model's, cycling over the
+    calibration batches; afterwards codebooks and scales are rounded to fp16 again. Each tensor's step size is ``lr``
+    times its mean magnitude. Returns the KL (nats/token) of the first and the last step."""
+    from tqdm.auto import tqdm
+
+    layers = [m for m in model.modules() if isinstance(m, AQLMLinear)]
+    frozen = {p: p.requires_grad for p in model.parameters()}
+    model.requires_grad_(False)
+    groups = []
+    for m in layers:
+        for p in (m.codebooks, m.scales):
+            p.requires_grad_(True)
+            groups.append({"params": [p], "lr": lr * float(p.detach().abs().mean())})
+    opt = torch.optim.Adam(groups)
+    kl = []
+    with torch.enable_grad():
+        for step in tqdm(range(steps), desc="AQLM fine-tuning", unit="step", disable=not progress):
+            idx = calib[step % len(calib)]
+            with torch.no_grad():
+                target = F.log_softmax(teacher(idx).float(), -1).flatten(0, 1)
+            logp = F.log_softmax(model(idx).float(), -1).flatten(0, 1)
+            loss = F.kl_div(logp, target, log_target=True, reduction="batchmean")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if step in (0, steps - 1):
+                kl.append(loss.item())
+    with torch.no_grad():
+        for m in layers:
+            m.codebooks.copy_(m.codebooks.half().float())
+            m.scales.copy_(m.scales.half().float())
+    for p, flag in frozen.items():
+        p.requires_grad_(flag)
+    for m in layers:
+        m.codebooks.requires_grad_(False)
+        m.scales.requires_grad_(False)
+    return kl
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------------------
@@ -228,7 +585,18 @@ def evaluate(
             f"ptq.from={str(ckpt_path)!r}: the checkpoint's vocabulary ({model_hp['vocab_size']}) is smaller than "
             f"data.vocab_size={dm.vocab_size}; evaluate with the data config the checkpoint was trained on"
         )
-    quantize_model_ptq(module.model, ptq)
+    aqlm_stats = None
+    if ptq.method == "aqlm":
+        on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        module.to("cuda" if on_gpu else "cpu")
+        log.info("AQLM %s calibrated on %d training batches", ptq.codebook_layout, ptq.calib_batches)
+        aqlm_stats = quantize_model_aqlm(module.model, ptq, calibration_batches(dm, ptq.calib_batches))
+        log.info(
+            "AQLM: %.3f bits per weight with codebooks and scales (codes %.3f), mean relative output error %.4f",
+            aqlm_stats["bits_per_weight"], aqlm_stats["code_bits_per_weight"], aqlm_stats["mean_rel_output_error"],
+        )  # fmt: skip
+    else:
+        quantize_model_ptq(module.model, ptq)
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=1,
@@ -247,16 +615,24 @@ def evaluate(
         "step": step,
         "wall_s": time.perf_counter() - start,
         "checkpoint": str(Path(ckpt_path).resolve()),
-        "ptq": asdict(ptq),
+        "ptq": ptq.settings(),
     }
+    if aqlm_stats is not None:
+        metrics["aqlm"] = aqlm_stats
     if tensorboard:
         from lightning.pytorch.loggers import TensorBoardLogger
 
         logger = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False)
-        logger.log_hyperparams({f"ptq.{k}": v for k, v in asdict(ptq).items()} | {"ptq.from": str(ckpt_path)})
-        logger.log_metrics({"val/loss": metrics["val/loss"], "val/ppl": metrics["val/ppl"]}, step=step)
+        hparams = {f"ptq.{k}": v for k, v in ptq.settings().items() if k != "aqlm"}
+        hparams |= {f"ptq.aqlm.{k}": v for k, v in asdict(ptq.aqlm).items()} if ptq.method == "aqlm" else {}
+        logger.log_hyperparams(hparams | {"ptq.from": str(ckpt_path)})
+        scalars = {"val/loss": metrics["val/loss"], "val/ppl": metrics["val/ppl"]}
+        if aqlm_stats is not None:
+            scalars["ptq/bits_per_weight"] = aqlm_stats["bits_per_weight"]
+            scalars["ptq/rel_output_error"] = aqlm_stats["mean_rel_output_error"]
+        logger.log_metrics(scalars, step=step)
         logger.finalize("success")
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write_json(run_dir / "metrics.json", metrics)
     return metrics
 
 
@@ -285,7 +661,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
 # -- sweeps ---------------------------------------------------------------------------------------------------------
 def sweep_configs(rows: list[dict]) -> list[PTQConfig]:
     """PTQ settings matching a sweep's quantized arms: each (weight grid, bits) with the arm's activation quantization
-    (WbAb) and weight-only (WbA16), all with the Hadamard rotation (HIGGS), per-row scales; in arm order."""
+    (WbAb) and weight-only (WbA16), all with the Hadamard rotation (HIGGS), per-row scales; in arm order. When an arm
+    has 2-bit weights, AQLM at 2 bits (``aqlm_w2``, the default 2x8 layout, calibrated) follows the 2-bit rows."""
     configs = []
     for r in rows:
         q = r.get("_quant") or {}
@@ -303,6 +680,9 @@ def sweep_configs(rows: list[dict]) -> list[PTQConfig]:
             )
             if c not in configs:
                 configs.append(c)
+    two_bit = [i for i, c in enumerate(configs) if float(c.bits) == 2]
+    if two_bit:  # the calibrated vector-quantization baseline at 2 bits (aqlm_w2), after the scalar 2-bit rows
+        configs.insert(two_bit[-1] + 1, PTQConfig(method="aqlm", bits=2, hadamard=True))
     return configs
 
 
@@ -333,7 +713,7 @@ def _sweep_row(ptq: PTQConfig, ckpt_path: Path, data_cfg: DictConfig, sweep_dir:
     run_dir = sweep_dir / "ptq" / ptq.name
     cached = run_dir / "metrics.json"
     metrics = json.loads(cached.read_text()) if cached.is_file() else None
-    if not metrics or metrics.get("checkpoint") != str(ckpt_path.resolve()) or metrics.get("ptq") != asdict(ptq):
+    if not metrics or metrics.get("checkpoint") != str(ckpt_path.resolve()) or metrics.get("ptq") != ptq.settings():
         log.info("PTQ %s of %s", ptq.name, ckpt_path)
         metrics = evaluate(
             ckpt_path,
@@ -347,12 +727,21 @@ def _sweep_row(ptq: PTQConfig, ckpt_path: Path, data_cfg: DictConfig, sweep_dir:
 
 
 def ptq_row(ptq: PTQConfig, metrics: dict) -> dict:
-    grid = ptq.grid if ptq.act_bits is None or not ptq.act_grid else f"{ptq.grid} / {ptq.act_grid}"
+    """A report row; an AQLM row's grid cell says it is calibrated and states its bits per weight in all."""
+    if ptq.method == "aqlm":
+        bpw = (metrics.get("aqlm") or {}).get("bits_per_weight")
+        grid = f"aqlm {ptq.codebook_layout} g{ptq.aqlm.group_size}, calibrated ({ptq.calib_batches} batches)"
+        grid += "" if bpw is None else f", {bpw:.2f} bits/weight in all"
+        if ptq.act_bits is not None:
+            grid += f" / {ptq.act_grid or ptq.grid}"
+    else:
+        grid = ptq.grid if ptq.act_bits is None or not ptq.act_grid else f"{ptq.grid} / {ptq.act_grid}"
+        grid += f" g{ptq.group_size}" if ptq.group_size else ""
     a = "16" if ptq.act_bits is None else f"{float(ptq.act_bits):g}"
     return {
         "arm": ptq.name,
         "method": "PTQ",
-        "grid": grid + (f" g{ptq.group_size}" if ptq.group_size else ""),
+        "grid": grid,
         "bits": f"W{float(ptq.bits):g}A{a}",
         "estimator": "-",
         "hadamard": "half" if ptq.hadamard else "no",

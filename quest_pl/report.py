@@ -224,6 +224,9 @@ def write_markdown(rows: list[dict], path: Path, sweep_dir: Path) -> None:
         "val_loss: final validation loss (nats/token); delta_bf16: minus the BF16 arm's; align_mean / align_block0: "
         "mean cosine of quantized vs full-precision gradient (whole model / lowest block); mask_frac: mean fraction "
         "of masked gradient entries; ptq_* rows: data-free post-training quantization of the BF16 arm's checkpoint.",
+        # aqlm_* rows (quest_pl.ptq.sweep_configs): say they are calibrated, unlike the ptq_* rows
+        "aqlm_* rows: additive vector quantization (AQLM) of the same checkpoint, calibrated on training batches "
+        "(not data-free); its grid cell gives the bits per weight including codebooks and scales.",
         "",
         "Plots: val_loss.png, alignment_by_depth.png, masked_fraction.png.",
         "",

@@ -38,8 +38,7 @@ def arm_name(quant: DictConfig, ptq: DictConfig | None = None) -> str:
     if ptq is not None and ptq.get("from"):
         from quest_pl.ptq import PTQConfig
 
-        keys = ("grid", "bits", "hadamard", "group_size", "act_bits", "act_grid")
-        return PTQConfig(**{k: ptq.get(k) for k in keys}).name  # not validated here: ptq.run reports bad values
+        return PTQConfig.name_of(ptq)  # not validated here: ptq.run reports bad values
     return quant_arm_name(quant.get("name", "quant"), quant.get("grid"), quant.get("w_bits"), quant.get("a_bits"))
 
 

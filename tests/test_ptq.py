@@ -141,3 +141,21 @@ def test_incompatible_checkpoint_is_one_line(trained, tmp_path):
     ckpt["hyper_parameters"]["model"]["d_model"] = 256
     with pytest.raises(ConfigError, match="incompatible checkpoint"):
         module_from_checkpoint(ckpt, "x.ckpt")
+
+
+def test_aqlm_evaluates_like_the_other_arms(trained, tmp_path):
+    """ptq.method=aqlm (a short schedule) on the trained tiny model: metrics.json as the scalar arms, plus the bits per
+    weight with codebooks and scales and the calibration size; its loss is below the data-free scalar grid at 2 bits."""
+    from quest_pl.ptq import AQLMSettings
+
+    fast = AQLMSettings(rounds=1, adam_steps=20, kmeans_iters=3)
+    metrics = ptq_eval(trained, tmp_path / "aqlm", method="aqlm", bits=2, calib_batches=2, aqlm=fast)
+    scalar = ptq_eval(trained, tmp_path / "scalar", grid="gaussian_mse", bits=2)["val/loss"]
+    print(f"\nPTQ at 2 bits on the tiny BF16 model: gaussian_mse {scalar:.4f}  AQLM 2x8 {metrics['val/loss']:.4f} "
+          f"({metrics['aqlm']['bits_per_weight']:.2f} bits/weight with codebooks and scales)")  # fmt: skip
+    saved = json.loads((tmp_path / "aqlm" / "metrics.json").read_text())
+    assert saved["ptq"]["method"] == "aqlm" and saved["ptq"]["codebook_bits"] == 8
+    assert saved["aqlm"]["code_bits_per_weight"] == 2 and saved["aqlm"]["calib_tokens"] == 2 * 8 * 64  # smoke batches
+    assert len(saved["aqlm"]["layers"]) == 4
+    assert metrics["val/ppl"] == pytest.approx(math.exp(metrics["val/loss"]), rel=1e-5)
+    assert metrics["val/loss"] < scalar

@@ -5,7 +5,7 @@ batch (``data.batch_size x trainer.accumulate_grad_batches x devices x nodes`` s
 tokens) and, for ``tokens_per_param``, ``tokens = tokens_per_param x`` the model's non-embedding parameter count
 (embedding and head excluded, as the paper counts). The paper rounded its token counts to the nominal model size
 (3 B for the 30M model's 30.48 M parameters, 43 B for the 430M model's 443 M): ``trainer.tokens`` reproduces its
-step counts exactly, ``tokens_per_param`` applies the rule to the exact parameter count (up to 3% more steps).
+step counts exactly, ``tokens_per_param`` applies the rule to the exact parameter count (about 3% more steps).
 The run logs how many epochs of the training split it reads and warns above one.
 """
 

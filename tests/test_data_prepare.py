@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from quest_pl.config import ConfigError
+from quest_pl.config import ConfigError, compose
 from quest_pl.data import shards, sources
 from quest_pl.data.module import LMDataModule
 from quest_pl.data.shards import DataSpec
@@ -291,3 +291,27 @@ def test_bin_pair_is_read_in_place_with_its_tokenizer(tmp_path):
     dm.setup()
     assert dm.vocab_size == 207  # DIR/tokenizer.json wins over the declared size
     assert dm.save_tokenizer(tmp_path / "run").read_bytes() == (d / "tokenizer.json").read_bytes()
+
+
+def test_training_on_a_bin_pair_with_a_token_budget(tmp_path):
+    """nanoGPT's layout trains end to end; the budget sets max_steps; the run directory keeps the tokenizer."""
+    from quest_pl.train import train
+
+    d = _bin_pair(tmp_path / "bins", n_train=20_000, n_val=2_000, vocab=207)
+    (d / "tokenizer.json").write_bytes((_wordlevel(tmp_path) / "tokenizer.json").read_bytes())
+    cfg = compose(
+        "data=bin",
+        f"data.path={d}",
+        "data.batch_size=4",
+        "data.val_batches=2",
+        "model.seq_len=32",
+        "trainer.tokens=384",  # 3 steps of 4 x 32 tokens
+        "trainer.max_steps=1000",
+        "trainer.val_check_interval=3",
+        "trainer.enable_progress_bar=false",
+        "callbacks=none",
+        "logger.tensorboard=false",
+    )
+    metrics = train(cfg, tmp_path / "run")
+    assert metrics["step"] == 3 and np.isfinite(metrics["val/loss"])
+    assert (tmp_path / "run" / "tokenizer.json").read_bytes() == (d / "tokenizer.json").read_bytes()

@@ -112,7 +112,8 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def encode_documents(tok, sep: Boundaries, texts: list[str], dtype: np.dtype) -> list[np.ndarray]:
     """One token array per document, separator included (``tokenizers`` batch encoding, parallel in Rust)."""
     out = []
-    for e in tok.encode_batch(texts, add_special_tokens=sep.post_processor):
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # the same ids, without offsets (3x faster)
+    for e in encode(texts, add_special_tokens=sep.post_processor):
         ids = e.ids
         if sep.eos_id is not None:
             ids = [*ids, sep.eos_id]

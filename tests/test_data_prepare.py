@@ -315,3 +315,11 @@ def test_training_on_a_bin_pair_with_a_token_budget(tmp_path):
     metrics = train(cfg, tmp_path / "run")
     assert metrics["step"] == 3 and np.isfinite(metrics["val/loss"])
     assert (tmp_path / "run" / "tokenizer.json").read_bytes() == (d / "tokenizer.json").read_bytes()
+
+
+def test_text_file_path_that_is_a_directory_is_one_line(tmp_path):
+    from quest_pl.config import validate
+
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(ConfigError, match=r"matches no file \(a directory is not a document"):
+        validate(compose("data=text_file", f"data.path={tmp_path}"))

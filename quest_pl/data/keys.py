@@ -44,6 +44,13 @@ def validate(cfg: DictConfig) -> None:
         p = os.path.expanduser(tok)
         if not is_hub_name(tok) and not os.path.exists(p):
             raise ConfigError(f"data.tokenizer={tok!r}: no such file or directory")
+    if source == "text_file" and isinstance(cfg.data.path, str):
+        from quest_pl.data.sources import text_files
+
+        if not text_files(cfg.data.path):
+            raise ConfigError(
+                f"data.path={cfg.data.path!r}: matches no file (a directory is not a document: use DIR/*.txt)"
+            )
     if source == "bin":
         check(cfg, "data.dtype", lambda v: v in ("uint16", "uint32"), "uint16 (nanoGPT's layout) or uint32")
         path = check(

@@ -1,15 +1,16 @@
 """Data throughput: (a) preparation rate on the CPU, (b) data-loading overhead of a GPU training step.
 
-(a) ``python bench/bench_data.py prepare --mb 200``: builds a text corpus of about ``--mb`` MB (copies of the embedded
-plays, each with its own first line, one document per play), a 32k byte-level BPE trained on the embedded corpus, and
-times ``python -m quest_pl.data prepare``'s work (``quest_pl.data.shards.prepare``: hashing pass, streamed encoding,
-writes, checkpoints, final verification) in tokens/s. BPE training is excluded (done once beforehand).
+(a) ``PYTHONPATH=. python bench/bench_data.py prepare --mb 200``: builds a text corpus of about ``--mb`` MB (copies
+of the embedded plays, each with its own first line, one document per play), a 32k byte-level BPE trained on the
+embedded corpus, and times ``python -m quest_pl.data prepare``'s work (``quest_pl.data.shards.prepare``: hashing
+pass, streamed encoding, writes, checkpoints, final verification) in tokens/s. BPE training is excluded.
 
-(b) ``python bench/bench_data.py step --steps 60``: the 30M preset (``+scale=gpu_30m``: 64 x 8 x 512 tokens per step,
-bf16-mixed, ``torch.compile``) with QuEST W4A4 on the Triton kernels, trained through ``quest_pl.train.train`` twice:
-on a memory-mapped ``train.bin`` / ``val.bin`` pair of ``--tokens`` random ids (``data.source=bin``, 4 loader workers
-as the preset) and on synthetic batches already in memory (the same loader with every micro-batch a fixed tensor).
-Reports the median ``train/tokens_per_sec`` after warm-up for both and their ratio. GPU only.
+(b) ``PYTHONPATH=. python bench/bench_data.py step --steps 60``: the 30M preset (``+scale=gpu_30m``: 64 x 8 x 512
+tokens per step, bf16-mixed, ``torch.compile``) with QuEST W4A4 on the Triton kernels, trained through
+``quest_pl.train.train`` twice: on a memory-mapped ``train.bin`` / ``val.bin`` pair of ``--tokens`` random ids
+(``data.source=bin``, 4 loader workers as the preset) and on synthetic batches already in memory (the same loader with
+every micro-batch a fixed tensor). Reports the median ``train/tokens_per_sec`` after warm-up for both and their
+ratio. GPU only.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from quest_pl.config import ConfigError, compose
 from quest_pl.data import shards, sources
@@ -161,7 +162,8 @@ def test_read_only_cache_directory_is_one_line(tmp_path):
         shards.prepare(_spec(tmp_path, cache_dir=str(ro)))
 
 
-def test_interrupted_preparation_continues_to_the_same_bytes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("tamper", [False, True])
+def test_interrupted_preparation_continues_to_the_same_bytes(tmp_path, monkeypatch, tamper, caplog):
     monkeypatch.setattr(shards, "BATCH_DOCS", 2)
     monkeypatch.setattr(shards, "CHECKPOINT_TOKENS", 1500)
     spec = _spec(tmp_path, tokenizer_train_docs=5)
@@ -181,8 +183,11 @@ def test_interrupted_preparation_continues_to_the_same_bytes(tmp_path, monkeypat
     state = json.loads((partial / "state.json").read_text())
     assert 0 < state["docs"] < 24 and (partial / "train.bin").stat().st_size > 0
     monkeypatch.setattr(shards, "encode_documents", real)
+    if tamper:  # a file shorter than its saved state records: the state cannot be trusted, start again
+        (partial / "train.bin").write_bytes(b"")
     entry = shards.prepare(spec)
     assert _tokens(entry) == reference and not partial.exists()
+    assert ("does not match its files" in caplog.text) == tamper
 
 
 def test_max_tokens_stops_the_training_split(tmp_path):
@@ -323,3 +328,17 @@ def test_text_file_path_that_is_a_directory_is_one_line(tmp_path):
     (tmp_path / "sub").mkdir()
     with pytest.raises(ConfigError, match=r"matches no file \(a directory is not a document"):
         validate(compose("data=text_file", f"data.path={tmp_path}"))
+
+
+def test_memory_mapped_windows_pickle_as_a_file_name(tmp_path):
+    import pickle
+
+    from quest_pl.data.module import TokenWindows
+
+    d = _bin_pair(tmp_path / "bins", n_train=100_000)
+    w = TokenWindows(np.memmap(d / "train.bin", dtype=np.uint16, mode="r"), 16)
+    blob = pickle.dumps(w)
+    assert len(blob) < 10_000  # 200 KB of tokens are not copied
+    again = pickle.loads(blob)
+    assert isinstance(again.tokens, np.memmap) and np.array_equal(again.tokens, w.tokens)
+    assert torch.equal(again[5][0], w[5][0])

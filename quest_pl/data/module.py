@@ -32,6 +32,19 @@ class TokenWindows(Dataset):
     def __len__(self) -> int:
         return self.n_windows
 
+    def __getstate__(self) -> dict:
+        """A memory map travels to spawned loader workers as its file name, never as a copy of the tokens."""
+        state = dict(self.__dict__)
+        if isinstance(self.tokens, np.memmap):
+            state["tokens"] = (self.tokens.filename, self.tokens.dtype.str, self.tokens.offset, self.tokens.shape)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if isinstance(state["tokens"], tuple):
+            file, dtype, offset, shape = state["tokens"]
+            state["tokens"] = np.memmap(file, dtype=np.dtype(dtype), mode="r", offset=offset, shape=shape)
+        self.__dict__.update(state)
+
     def window(self, i: int, offset: int = 0) -> torch.Tensor:
         start = offset + i * self.seq_len
         return torch.from_numpy(self.tokens[start : start + self.seq_len + 1].astype(np.int64))

@@ -496,13 +496,25 @@ def prepare(spec: DataSpec, allow_large: bool = True, progress: bool = True) -> 
     return entry
 
 
+def _resumable(state: dict, key: str, partial: Path) -> bool:
+    """A saved state is usable when it is this entry's and every file holds at least what it recorded (fsynced)."""
+    try:
+        itemsize = np.dtype(state["dtype"]).itemsize
+        return state["key"] == key and all(
+            (partial / f"{s}.bin").stat().st_size >= state["splits"][s]["tokens"] * itemsize for s in SPLITS
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def _build(spec: DataSpec, entry: Path, partial: Path, progress: bool) -> None:
     state_file = partial / "state.json"
     state = None
     if state_file.is_file():
         with contextlib.suppress(ValueError, OSError):
             state = json.loads(state_file.read_text())
-        if state is not None and state.get("key") != entry.name:
+        if state is not None and not _resumable(state, entry.name, partial):
+            log.warning("the interrupted preparation in %s does not match its files: starting again", partial)
             state = None
     if state is None:
         shutil.rmtree(partial, ignore_errors=True)
@@ -520,6 +532,7 @@ def _build(spec: DataSpec, entry: Path, partial: Path, progress: bool) -> None:
     if state is None:
         state = {
             "key": entry.name,
+            "dtype": dtype.name,
             "job": 0,
             "docs": 0,
             "splits": {s: {"tokens": 0, "docs": 0, "segments": []} for s in SPLITS},

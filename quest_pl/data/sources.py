@@ -18,6 +18,7 @@ import json
 import lzma
 import os
 import socket
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,11 +117,19 @@ def hub_reachable() -> bool:
         "",
     ):
         return False
-    try:
-        socket.create_connection(HUB_HOST, timeout=HUB_TIMEOUT_S).close()
-        return True
-    except OSError:
-        return False
+    answered = []
+
+    def probe() -> None:  # in a thread: name resolution has no timeout of its own
+        try:
+            socket.create_connection(HUB_HOST, timeout=HUB_TIMEOUT_S).close()
+            answered.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(HUB_TIMEOUT_S)
+    return bool(answered)
 
 
 def open_hub_stream(name: str, config: str | None, split: str):

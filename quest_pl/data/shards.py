@@ -492,7 +492,10 @@ def prepare(spec: DataSpec, allow_large: bool = True, progress: bool = True) -> 
         except ConfigError:  # the data itself is unusable (undecodable file, bad tokenizer): nothing to resume
             shutil.rmtree(partial, ignore_errors=True)
             raise
-    verify_entry(entry)
+    try:
+        verify_entry(entry, full=True)
+    except DamagedEntry as e:  # written and fsynced a moment ago: the storage does not keep what it is given
+        raise ConfigError(f"data: the token cache {entry} fails verification right after preparation ({e})") from None
     return entry
 
 

@@ -92,9 +92,9 @@ def test_large_corpus_streams_with_bounded_memory_and_resumes_after_sigkill(tmp_
         f"prepared {n_tokens:,} tokens in {wall:.1f} s ({n_tokens / wall:,.0f} tokens/s); "
         f"peak RSS {large_peak / 2**20:.0f} MiB (8 MB corpus: {small_peak / 2**20:.0f} MiB)"
     )
-    # Memory does not grow with the corpus: 25x more text (192 MB more) costs at most 100 MiB more peak memory
-    # (45 MiB measured); holding the text alone would cost 192 MB more.
-    assert large_peak - small_peak < 100 * 2**20, (large_peak, small_peak)
+    # Memory does not grow with the corpus: 25x more text (192 MB more) costs at most 128 MiB more peak memory (45 and
+    # 77 MiB measured: allocator and encoder-thread noise); holding the text and its tokens would cost over 260 MB more.
+    assert large_peak - small_peak < 128 * 2**20, (large_peak, small_peak)
 
     # SIGKILL once a few checkpoints are written, then prepare again: it continues and ends with the same bytes.
     corpus = _corpus(tmp_path / "medium", 32)

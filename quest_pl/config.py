@@ -94,7 +94,9 @@ def validate(cfg: DictConfig) -> None:
         "auto, ddp, ddp_spawn, fsdp or single_device",
     )
     # data
-    source = check(cfg, "data.source", lambda v: v in ("embedded", "text_file", "hub"), "embedded, text_file or hub")
+    source = check(
+        cfg, "data.source", lambda v: v in ("embedded", "text_file", "hub", "bin"), "embedded, text_file, hub or bin"
+    )
     if source == "text_file":
         path = check(
             cfg,
@@ -115,6 +117,10 @@ def validate(cfg: DictConfig) -> None:
     if tok is not None and not os.path.isfile(os.path.expanduser(tok)):
         raise ConfigError(f"data.tokenizer_path={tok!r}: no such file")
     check(cfg, "data.vocab_size", lambda v: _is_int(v) and v >= 258, "an integer >= 258 (256 bytes + <|endoftext|>)")
+    from quest_pl import budget, data  # the keys of data preparation and token budgets (quest_pl.data.keys, budget)
+
+    data.validate(cfg)
+    budget.validate(cfg)
     positive_int(cfg, "data.batch_size")
     positive_int(cfg, "data.val_batch_size")
     positive_int(cfg, "data.val_batches", optional=True)

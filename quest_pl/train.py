@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from quest_pl.budget import apply_token_budget
 from quest_pl.config import ConfigError, check_checkpoint, validate
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     dm = build_datamodule(cfg)
     dm.prepare_data()
     dm.setup("fit")
+    apply_token_budget(cfg, len(dm.train_tokens))  # trainer.tokens / scale.tokens_per_param -> trainer.max_steps
     t = cfg.trainer
     module = build_module(cfg, dm.vocab_size)
     if cfg.ckpt_path:
@@ -166,6 +168,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     )
     if cfg.logger.tensorboard and trainer.is_global_zero:
         write_hparams(logger, cfg)
+    if trainer.is_global_zero:
+        dm.save_tokenizer(run_dir)  # <run dir>/tokenizer.json: a checkpoint is usable without the token cache
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     try:

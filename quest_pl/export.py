@@ -306,22 +306,38 @@ def set_int_path(model: nn.Module, enabled: bool = True) -> int:
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------------------
-def module_from_checkpoint(ckpt_path: str | Path, quant: dict | None = None, key: str = "checkpoint"):
+def module_from_checkpoint(
+    ckpt_path: str | Path,
+    quant: dict | None = None,
+    key: str = "checkpoint",
+    kernel: str | None = "torch",
+    strict_quantizers: bool = True,
+):
     """The ``LMModule`` of a checkpoint with the quantization it was trained with (or ``quant``), every weight and
-    quantizer state loaded, in eval mode on CPU, ``quant.kernel=torch`` (the PyTorch path: the exactness reference)."""
+    quantizer state loaded, in eval mode on CPU. ``kernel="torch"`` (default) forces the PyTorch quantizer path, the
+    exactness reference; None keeps the config's. ``strict_quantizers=False`` (another quantization than the
+    checkpoint's) ignores LSQ/PACT state that does not match."""
+    from quest_pl.quant import is_quantizer_param
+
     from quest_pl.module import LMModule
     from quest_pl.ptq import load_checkpoint
 
     ckpt = load_checkpoint(ckpt_path, key=key)
     hp = ckpt["hyper_parameters"]
     q = dict(hp.get("quant") or {}) if quant is None else dict(quant)
-    if q.get("grid") is not None:
-        q["kernel"] = "torch"
+    if q.get("grid") is not None and kernel is not None:
+        q["kernel"] = kernel
     try:
         module = LMModule(hp["model"], hp["optim"], quant=q, max_steps=hp.get("max_steps", 1))
     except TypeError as e:
         raise ConfigError(f"{key}={str(ckpt_path)!r}: incompatible model hyper-parameters ({e})") from None
-    missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
+    state = ckpt["state_dict"]
+    if not strict_quantizers:
+        own = module.state_dict()
+        state = {k: v for k, v in state.items() if not is_quantizer_param(k) or k in own}
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if not strict_quantizers:
+        missing = [k for k in missing if not is_quantizer_param(k)]
     if missing or unexpected:
         what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
         raise ConfigError(f"{key}={str(ckpt_path)!r}: incompatible checkpoint ({what})")

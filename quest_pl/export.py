@@ -499,6 +499,118 @@ def load_packed(path: str | Path) -> tuple[nn.Module, dict]:
     return model.eval(), config
 
 
+# -- Hugging Face interop (optional extra [hf]) ----------------------------------------------------------------------
+def effective_weight(layer: nn.Module, drop_act_quant: bool = False) -> Tensor:
+    """The fp32 matrix ``W`` with ``layer(x) = x W^T`` for a linear whose activation is not quantized: the dequantized
+    weight with the Hadamard folded in. Weight-only layers fold exactly in both forms (half: ``x Qw(W H)^T``; full:
+    ``x (Qw(W H) H)^T``). With quantized activations no fold is exact (``Qa`` is not linear): refused unless
+    ``drop_act_quant``, which gives the weight-only equivalent (``Qa`` replaced by the identity: ``Qw(W H) H`` in the
+    half form, the full form's ``Qw(W H) H`` as is)."""
+    from quest_pl.quant import QuantLinear
+
+    with torch.no_grad():
+        if isinstance(layer, QuantLinear):
+            w = layer._quantize(layer.weight, layer.weight_quant, "weight").float()
+            act, hadamard = layer.act_quant, layer.hadamard
+        elif isinstance(layer, PackedLinear):
+            w, act, hadamard = layer.weight.float(), layer.act_quant, layer.hadamard
+        else:
+            return layer.weight.detach().float()
+        if act is None:
+            return w
+        if not drop_act_quant:
+            raise ConfigError(
+                "a model with quantized activations has no exact full-precision equivalent (Qa is not linear); "
+                "export it for Hugging Face with --hf-drop-act-quant (weights only: activations in full precision)"
+            )
+        return quantizers.hadamard_transform(w) if hadamard == "half" else w
+
+
+def _rope_halves(w: Tensor, n_head: int) -> Tensor:
+    """Rows of a q or k projection reordered per head from our interleaved RoPE pairs (2i, 2i+1) (METHOD.md §2) to
+    the half-split pairs (i, i + hd/2) of ``transformers``' ``rotate_half``; q.k is unchanged (same order on both)."""
+    hd = w.shape[0] // n_head
+    perm = torch.cat((torch.arange(0, hd, 2), torch.arange(1, hd, 2)))
+    return w.reshape(n_head, hd, -1)[:, perm].reshape(w.shape)
+
+
+@torch.no_grad()
+def hf_state_dict(model: nn.Module, drop_act_quant: bool = False) -> dict[str, Tensor]:
+    """``LlamaForCausalLM`` tensors (fp32) of our Llama: c_attn split into q/k/v (q, k reordered for RoPE), w12 split
+    into gate/up, effective weights of quantized linears (:func:`effective_weight`), untied head."""
+    cfg = model.cfg
+    out = {
+        "model.embed_tokens.weight": model.wte.weight,
+        "model.norm.weight": model.norm.weight,
+        "lm_head.weight": model.lm_head.weight,
+    }
+    for i, block in enumerate(model.blocks):
+        p = f"model.layers.{i}."
+        q, k, v = effective_weight(block.attn.c_attn, drop_act_quant).chunk(3, dim=0)
+        gate, up = effective_weight(block.mlp.w12, drop_act_quant).chunk(2, dim=0)
+        out |= {
+            p + "input_layernorm.weight": block.attn_norm.weight,
+            p + "post_attention_layernorm.weight": block.mlp_norm.weight,
+            p + "self_attn.q_proj.weight": _rope_halves(q, cfg.n_head),
+            p + "self_attn.k_proj.weight": _rope_halves(k, cfg.n_head),
+            p + "self_attn.v_proj.weight": v,
+            p + "self_attn.o_proj.weight": effective_weight(block.attn.c_proj, drop_act_quant),
+            p + "mlp.gate_proj.weight": gate,
+            p + "mlp.up_proj.weight": up,
+            p + "mlp.down_proj.weight": effective_weight(block.mlp.c_proj, drop_act_quant),
+        }
+    return {k: v.detach().float().contiguous().clone() for k, v in out.items()}
+
+
+def export_hf(
+    model: nn.Module, out_dir: str | Path, tokenizer: str | Path | None = None, drop_act_quant: bool = False
+) -> Path:
+    """Write a ``transformers`` ``LlamaForCausalLM`` directory (``from_pretrained``-loadable, fp32) equivalent to
+    ``model`` (see :func:`hf_state_dict`), with the tokenizer when given. Needs the ``[hf]`` extra."""
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError("--hf: needs transformers (pip install 'quest-pl[hf]')") from None
+    from quest_pl.data import EOS
+
+    cfg = model.cfg
+    state = hf_state_dict(model, drop_act_quant)
+    eos_id = None
+    if tokenizer:
+        from tokenizers import Tokenizer
+
+        eos_id = Tokenizer.from_file(str(tokenizer)).token_to_id(EOS)
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.ffn_hidden,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_head,
+        head_dim=cfg.head_dim,
+        hidden_act="silu",
+        max_position_embeddings=cfg.seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+    )
+    hf = transformers.LlamaForCausalLM(hf_cfg).float()
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    missing = [k for k in missing if "rotary_emb" not in k]
+    if missing or unexpected:
+        raise RuntimeError(f"HF export: tensors do not match LlamaForCausalLM ({missing[:2]}, {unexpected[:2]})")
+    out_dir = Path(out_dir)
+    hf.save_pretrained(out_dir)
+    if tokenizer:
+        fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tokenizer), eos_token=EOS, bos_token=EOS)
+        fast.save_pretrained(out_dir)
+    return out_dir
+
+
 # -- command line ---------------------------------------------------------------------------------------------------
 def _mib(n: int) -> str:
     return f"{n / 2**20:.2f} MiB"

@@ -200,3 +200,41 @@ def test_reload_exact_and_integer_path_on_cuda(q, tmp_path):
         assert torch.equal(want, got)
         if set_int_path(model):
             assert torch.allclose(model(idx), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "q",
+    [None, quant("gaussian_mse", 4, None, "half"), quant("fp4", 4, None, "full"), quant("gaussian_mse", 2, 2, "half")],
+    ids=lambda q: "bf16" if q is None else case_id(q),
+)
+def test_hugging_face_export_gives_the_same_logits(q, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from quest_pl.config import ConfigError
+    from quest_pl.export import export_hf
+    from quest_pl.quant import quant_layers
+
+    module = qat_module(q)
+    model = module.model
+    drop = q is not None and q["a_bits"] is not None
+    if drop:
+        with pytest.raises(ConfigError, match="no exact full-precision equivalent"):
+            export_hf(model, tmp_path / "refused")
+        assert not (tmp_path / "refused").exists()
+    export_hf(model, tmp_path / "hf", drop_act_quant=drop)
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    if drop:  # the weight-only equivalent: our model with its activation quantizers removed
+        for layer in quant_layers(model).values():
+            if layer.hadamard == "half":
+                layer.weight.data = layer._quantize(layer.weight, layer.weight_quant, "weight").detach()
+                layer.weight_quant = None
+                from quest_pl.quantizers import hadamard_transform
+
+                layer.weight.data = hadamard_transform(layer.weight.data)
+            layer.act_quant = None
+            layer.hadamard = None if layer.weight_quant is None else layer.hadamard
+    idx = tokens()
+    with torch.no_grad():
+        want = model(idx)
+        got = hf(idx).logits
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * want.abs().max())

@@ -67,7 +67,7 @@ def text_file_loss(model, tokenizer, pattern: str, seq_len: int, batch_size: int
     eos = tokenizer.token_to_id(EOS)
     ids: list[int] = []
     for path in sorted(glob.glob(os.path.expanduser(pattern), recursive=True)):
-        ids += tokenizer.encode(Path(path).read_text(encoding="utf-8", errors="replace")).ids + [eos]
+        ids += [*tokenizer.encode(Path(path).read_text(encoding="utf-8", errors="replace")).ids, eos]
     tokens = torch.tensor(ids, dtype=torch.long)
     if len(tokens) < 2:
         raise ConfigError(f"eval.text_file={pattern!r}: fewer than 2 tokens")

@@ -168,7 +168,7 @@ def encode_weight(layer: nn.Module) -> Encoded:
     values = est(x32).float() if est is not None else x32  # the estimator's forward: exactly what QuantLinear uses
     if not isinstance(grid, (IntGrid, LevelGrid)):  # full-precision weight or the identity estimator
         return Encoded({"weight": values.contiguous()}, {"format": "dense"})
-    bits = int(math.ceil(grid.bits))
+    bits = math.ceil(grid.bits)
     if isinstance(grid, IntGrid):
         n = 2**grid.bits
         step = int_step(est, x32)
@@ -217,10 +217,10 @@ def decode_weight(tensors: dict[str, Tensor], meta: dict) -> Tensor:
 def int_matmul(a: Tensor, b: Tensor) -> Tensor:
     """Exact ``a @ b^T`` of integer codes ``a [M, K]``, ``b [N, K]`` (|code| <= 255), as float64 integers ``[M, N]``.
 
-    The single place the CUDA INT8 GEMM plugs in: on CUDA, with codes that fit int8, ``quest_pl.kernels.int8.int_matmul``
-    (int32 accumulation) when it exists. Elsewhere a float64 matmul, which is exact here: every product is an integer
-    below 2^16 and every partial sum an integer below K * 2^16 < 2^53 (for K < 2^37), all exactly representable, so
-    any summation order gives the exact integer result.
+    The single place the CUDA INT8 GEMM plugs in: on CUDA, with codes that fit int8,
+    ``quest_pl.kernels.int8.int_matmul`` (int32 accumulation) when it exists. Elsewhere a float64 matmul, which is
+    exact here: every product is an integer below 2^16 and every partial sum an integer below K * 2^16 < 2^53 (for
+    K < 2^37), all exactly representable, so any summation order gives the exact integer result.
     """
     if a.is_cuda and a.abs().max() <= 127 and b.abs().max() <= 127:
         try:
@@ -317,10 +317,9 @@ def module_from_checkpoint(
     quantizer state loaded, in eval mode on CPU. ``kernel="torch"`` (default) forces the PyTorch quantizer path, the
     exactness reference; None keeps the config's. ``strict_quantizers=False`` (another quantization than the
     checkpoint's) ignores LSQ/PACT state that does not match."""
-    from quest_pl.quant import is_quantizer_param
-
     from quest_pl.module import LMModule
     from quest_pl.ptq import load_checkpoint
+    from quest_pl.quant import is_quantizer_param
 
     ckpt = load_checkpoint(ckpt_path, key=key)
     hp = ckpt["hyper_parameters"]
@@ -425,7 +424,9 @@ def export_packed(module, out_dir: str | Path, tokenizer: str | Path | None = No
     atomic_write_json(out_dir / CONFIG_FILE, config)
     if tokenizer:
         atomic_write_text(out_dir / TOKENIZER_FILE, Path(tokenizer).read_text(encoding="utf-8"))
-    n_params = sum(p.numel() for n, p in model.named_parameters() if ".weight_quant." not in n and ".act_quant." not in n)
+    from quest_pl.quant import is_quantizer_param
+
+    n_params = sum(p.numel() for n, p in model.named_parameters() if not is_quantizer_param(n))
     quant_bytes = sum(v.numel() * v.element_size() for k, v in tensors.items() if k.startswith(quant_names))
     quant_weights = sum(math.prod(meta["shape"]) for meta in layers.values())
     return {
@@ -450,7 +451,7 @@ def read_packed(path: str | Path) -> tuple[dict[str, Tensor], dict]:
         meta = (f.metadata() or {}).get("quest_pl")
         if meta is None:
             raise ConfigError(f"{str(path)!r}: not a QuEST-PL packed export (no quest_pl metadata)")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f}
     config = json.loads(meta)
     if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
         raise ConfigError(

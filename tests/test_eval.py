@@ -37,7 +37,7 @@ def evaluate(trained, tmp_path, *overrides):
 
 
 def test_evaluate_reproduces_the_runs_validation(trained, tmp_path):
-    run_dir, train_metrics = trained
+    _run_dir, train_metrics = trained
     metrics = evaluate(trained, tmp_path)
     # the same quantized model on the same validation batches as the run's final validation
     assert metrics["val/loss"] == pytest.approx(train_metrics["val/loss"], rel=1e-6)
@@ -77,6 +77,7 @@ def test_perplexity_on_a_text_file(trained, tmp_path):
     assert 0 < metrics["val/loss"] < math.log(2048) + 1
 
 
+@pytest.mark.slow
 def test_cli_eval_and_errors(trained, tmp_path):
     ckpt = trained[0] / "checkpoints" / "last.ckpt"
     out = run_cli(f"eval.from={ckpt}", "callbacks=none", f"hydra.run.dir={tmp_path}", timeout=300)
@@ -120,3 +121,17 @@ def test_export_command_and_generate_from_the_export(trained, tmp_path):
         assert torch.equal(packed(idx), qat(idx))
     from_export, _ = load_for_generation(tmp_path / "out")
     assert generate(from_export, idx[0].tolist(), 10, seed=1) == generate(qat, idx[0].tolist(), 10, seed=1)
+
+
+def test_export_command_hugging_face(trained, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from quest_pl.export import main
+
+    ckpt = trained[0] / "checkpoints" / "last.ckpt"
+    assert main([str(ckpt), str(tmp_path / "out"), "--hf", str(tmp_path / "hf")]) == 2  # W4A4: refused
+    assert not (tmp_path / "hf").exists()
+    assert main([str(ckpt), str(tmp_path / "out"), "--hf", str(tmp_path / "hf"), "--hf-drop-act-quant"]) == 0
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = tok("ROMEO:", return_tensors="pt").input_ids
+    assert ids.shape[1] > 1 and hf(ids).logits.shape == (1, ids.shape[1], hf.config.vocab_size)

@@ -40,7 +40,8 @@ def qat_module(q, seed=0):
 
 
 def tokens(seed=1, batch=2):
-    return torch.randint(0, MODEL["vocab_size"], (batch, MODEL["seq_len"]), generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, MODEL["vocab_size"], (batch, MODEL["seq_len"]), generator=g)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
@@ -77,14 +78,15 @@ CASES = [
 
 
 def case_id(q):
-    return f"{q['grid']}-w{q['w_bits']}a{q['a_bits']}-{q['hadamard_mode'] if q['hadamard'] else 'nohad'}-{q['estimator']}"
+    form = q["hadamard_mode"] if q["hadamard"] else "nohad"
+    return f"{q['grid']}-w{q['w_bits']}a{q['a_bits']}-{form}-{q['estimator']}"
 
 
 @pytest.mark.parametrize("q", CASES, ids=case_id)
 def test_reload_is_bit_exact(q, tmp_path):
     module = qat_module(q)
     export_packed(module, tmp_path)
-    model, config = load_packed(tmp_path)
+    model, _config = load_packed(tmp_path)
     idx = tokens()
     with torch.no_grad():
         want, got = module.model(idx), model(idx)
@@ -99,7 +101,7 @@ def test_sizes_match_the_layout(tmp_path):
 
     module = qat_module(quant("gaussian_mse", 4, 4, "half"))
     sizes = export_packed(module, tmp_path)
-    tensors, config = read_packed(tmp_path)
+    tensors, _config = read_packed(tmp_path)
     cfg = LlamaConfig(**MODEL)
     h = cfg.ffn_hidden
     shapes = [(3 * 128, 128), (128, 128), (2 * h, 128), (128, h)]

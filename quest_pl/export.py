@@ -451,7 +451,7 @@ def read_packed(path: str | Path) -> tuple[dict[str, Tensor], dict]:
         meta = (f.metadata() or {}).get("quest_pl")
         if meta is None:
             raise ConfigError(f"{str(path)!r}: not a QuEST-PL packed export (no quest_pl metadata)")
-        tensors = {k: f.get_tensor(k) for k in f}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     config = json.loads(meta)
     if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
         raise ConfigError(

@@ -135,3 +135,33 @@ def test_export_command_hugging_face(trained, tmp_path):
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     ids = tok("ROMEO:", return_tensors="pt").input_ids
     assert ids.shape[1] > 1 and hf(ids).logits.shape == (1, ids.shape[1], hf.config.vocab_size)
+
+
+def test_evaluate_on_another_data_config_uses_the_checkpoints_tokenizer(trained, tmp_path):
+    from quest_pl.export import find_tokenizer
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("".join(f"Line {i}: to be, or not to be, that is the question.\n" for i in range(400)))
+    metrics = evaluate(trained, tmp_path / "run", "data=text_file", f"data.path={text}", "data.chunks_per_file=8")
+    assert metrics["data"] == f"text_file:{text}" and 0 < metrics["val/loss"] < math.log(2048) + 1
+    ckpt = trained[0] / "checkpoints" / "last.ckpt"
+    tok = find_tokenizer(ckpt)
+    assert tok.is_file() and tok.name == "tokenizer.json"
+    (trained[0] / "tokenizer.json").write_text(tok.read_text())  # a run directory's own copy wins
+    try:
+        assert find_tokenizer(ckpt) == trained[0] / "tokenizer.json"
+    finally:
+        (trained[0] / "tokenizer.json").unlink()
+
+
+def test_generate_command(trained, capsys):
+    from quest_pl.generate import main
+
+    ckpt = str(trained[0] / "checkpoints" / "last.ckpt")
+    args = [ckpt, "--prompt", "ROMEO:", "--max-new-tokens", "6", "--seed", "1", "--device", "cpu"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert main(args) == 0
+    assert first.startswith("ROMEO:") and capsys.readouterr().out == first
+    assert main([ckpt, "--temperature", "-1"]) == 2
+    assert "error: --temperature=-1.0" in capsys.readouterr().err

@@ -50,14 +50,13 @@ def _comparable(q: dict | None):
 
 
 def validate_eval(cfg: DictConfig) -> None:
-    e = cfg.eval
+    """Check the ``eval.*`` keys before any work."""
     check(cfg, "eval.from", lambda v: isinstance(v, str) and v != "", "a checkpoint path")
     check(cfg, "eval.allow_quant_change", lambda v: isinstance(v, bool), "true or false")
     positive_int(cfg, "eval.batch_size")
     pattern = check(cfg, "eval.text_file", lambda v: isinstance(v, str) and v != "", "null or a file/glob", True)
     if pattern is not None and not glob.glob(os.path.expanduser(pattern), recursive=True):
         raise ConfigError(f"eval.text_file={pattern!r}: no file matches")
-    del e
 
 
 def text_file_loss(model, tokenizer, pattern: str, seq_len: int, batch_size: int) -> tuple[float, int]:
@@ -108,10 +107,7 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None =
     quant = own_quant
     if _overridden(overrides, "quant"):
         given = OmegaConf.to_container(cfg.quant, resolve=True)
-        try:
-            differs = _comparable(given) != _comparable(own_quant)
-        except ConfigError as e:
-            raise ConfigError(str(e)) from None
+        differs = _comparable(given) != _comparable(own_quant)
         if differs and not cfg.eval.allow_quant_change:
             raise ConfigError(
                 f"quant={given.get('name')!r}: differs from the quantization the checkpoint was trained with "

@@ -85,6 +85,10 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
     if bits == 8:
         return codes.contiguous()
     rows, n = codes.shape
+    if bits in (1, 2, 4) and n * bits % 8 == 0:  # whole codes per byte: the same layout without a bit stream
+        per_byte = 8 // bits
+        shifts = torch.arange(0, 8, bits, dtype=torch.int32, device=codes.device)
+        return (codes.reshape(rows, -1, per_byte).to(torch.int32) << shifts).sum(-1).to(torch.uint8)
     shifts = torch.arange(bits, dtype=torch.uint8, device=codes.device)
     stream = ((codes.unsqueeze(-1) >> shifts) & 1).reshape(rows, n * bits)
     stream = F.pad(stream, (0, -(n * bits) % 8))
@@ -97,6 +101,9 @@ def unpack_codes(packed: Tensor, bits: int, n: int) -> Tensor:
     if bits == 8:
         return packed[:, :n].long()
     rows = packed.shape[0]
+    if bits in (1, 2, 4) and n * bits % 8 == 0:
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        return ((packed.unsqueeze(-1) >> shifts) & (2**bits - 1)).reshape(rows, n).long()
     shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
     stream = ((packed.unsqueeze(-1) >> shifts) & 1).reshape(rows, -1)[:, : n * bits].reshape(rows, n, bits)
     weights = torch.tensor([1 << i for i in range(bits)], dtype=torch.int64, device=packed.device)

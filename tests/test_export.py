@@ -44,15 +44,16 @@ def tokens(seed=1, batch=2):
     return torch.randint(0, MODEL["vocab_size"], (batch, MODEL["seq_len"]), generator=g)
 
 
+@pytest.mark.parametrize("cols", [21, 24])  # 24: whole bytes (the fast path at 1, 2, 4 bits)
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
-def test_pack_layout_and_round_trip(bits):
-    codes = torch.randint(0, 2**bits, (3, 21), generator=torch.Generator().manual_seed(bits))
+def test_pack_layout_and_round_trip(bits, cols):
+    codes = torch.randint(0, 2**bits, (3, cols), generator=torch.Generator().manual_seed(bits))
     packed = pack_codes(codes, bits)
-    assert packed.dtype == torch.uint8 and packed.shape == (3, math.ceil(21 * bits / 8))
-    assert torch.equal(unpack_codes(packed, bits, 21), codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, math.ceil(cols * bits / 8))
+    assert torch.equal(unpack_codes(packed, bits, cols), codes)
     # the documented layout: element j's bit t at stream bit j*bits + t, least significant bit first
-    stream = [(int(packed[0, i // 8]) >> (i % 8)) & 1 for i in range(21 * bits)]
-    assert [sum(stream[j * bits + t] << t for t in range(bits)) for j in range(21)] == codes[0].tolist()
+    stream = [(int(packed[0, i // 8]) >> (i % 8)) & 1 for i in range(cols * bits)]
+    assert [sum(stream[j * bits + t] << t for t in range(bits)) for j in range(cols)] == codes[0].tolist()
 
 
 def test_pack_known_bytes():

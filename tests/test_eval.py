@@ -94,10 +94,10 @@ def test_generate_is_deterministic_with_a_seed(trained):
 
     model, tok = load_for_generation(trained[0] / "checkpoints" / "last.ckpt")
     prompt = tok.encode("ROMEO:").ids
-    a = generate(model, prompt, 80, temperature=1.0, top_k=20, seed=3)  # longer than seq_len = 64: context cropped
-    b = generate(model, prompt, 80, temperature=1.0, top_k=20, seed=3)
-    c = generate(model, prompt, 80, temperature=1.0, top_k=20, seed=4)
-    assert a == b and a != c and len(a) == 80
+    a = generate(model, prompt, 66, temperature=1.0, top_k=20, seed=3)  # longer than seq_len = 64: context cropped
+    b = generate(model, prompt, 66, temperature=1.0, top_k=20, seed=3)
+    c = generate(model, prompt, 8, temperature=1.0, top_k=20, seed=4)
+    assert a == b and c != a[:8] and len(a) == 66
     greedy = generate(model, prompt, 5, temperature=0)
     idx = torch.tensor([prompt])
     with torch.no_grad():

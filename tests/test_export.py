@@ -83,7 +83,20 @@ def case_id(q):
     return f"{q['grid']}-w{q['w_bits']}a{q['a_bits']}-{form}-{q['estimator']}"
 
 
-@pytest.mark.parametrize("q", CASES, ids=case_id)
+# Every grid, bits, Hadamard form and operand set runs in the default suite; the rest of the cross product is slow.
+CORE = {
+    "gaussian_mse-w1a1-half-trust", "gaussian_mse-w1aNone-full-trust", "gaussian_mse-w2aNone-half-trust",
+    "gaussian_mse-w2a2-full-trust", "gaussian_mse-w4a4-nohad-trust", "gaussian_mse-w4aNone-full-trust",
+    "gaussian_mse-w8a8-half-trust", "gaussian_mse-w8aNone-nohad-trust", "lloyd_max-w4a4-half-trust",
+    "lloyd_max-w4aNone-half-trust", "fp4-w4a4-full-trust", "fp4-w4aNone-half-trust", "int_sparse24-w4a4-nohad-trust",
+    "int_sparse24-w4aNone-half-trust", "ternary-w1.585a1.585-half-trust", "gaussian_mse-w4a4-full-pact",
+    "gaussian_mse-w4aNone-nohad-lsq", "gaussian_mse-wNonea4-half-trust",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "q", [pytest.param(q, marks=() if case_id(q) in CORE else pytest.mark.slow) for q in CASES], ids=case_id
+)
 def test_reload_is_bit_exact(q, tmp_path):
     module = qat_module(q)
     export_packed(module, tmp_path)

@@ -29,6 +29,10 @@ def main(cfg: DictConfig) -> float | None:
             from quest_pl.ptq import run as run_ptq
 
             metrics = run_ptq(cfg, run_dir)
+        elif cfg.get("eval") is not None and cfg.eval.get("from"):  # evaluate a checkpoint (quest_pl.evaluate)
+            from quest_pl.evaluate import run as run_eval
+
+            metrics = run_eval(cfg, run_dir, overrides=list(HydraConfig.get().overrides.task))
         else:
             metrics = train(cfg, run_dir)
     except ConfigError as e:

@@ -1,0 +1,48 @@
+"""Packed export sizes (quest_pl.export) of a llama_30m-shaped model (6 x 640, vocab 32000) at each weight format, next
+to the fp32 and bf16 sizes of the same parameters, and a bit-exactness check of the reload on 64 tokens.
+
+Random latent weights (sizes do not depend on the values). Embeddings, head and norms are stored in fp32 as trained, so
+at this size they dominate the file; the quantized linears' bits per weight include the fp32 per-row scales and tables.
+
+    PYTHONPATH=. python bench/export_sizes.py
+"""
+
+import tempfile
+
+import torch
+
+from quest_pl.export import export_packed, load_packed
+from quest_pl.module import LMModule
+
+MODEL = dict(vocab_size=32000, n_layer=6, d_model=640, n_head=5, seq_len=512)
+OPTIM = dict(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, warmup_frac=0.1, init_div=100.0,
+             final_lr_frac=0.1, quant_lr_scale=1.0, quant_weight_decay=0.0)  # fmt: skip
+FORMATS = [("gaussian_mse", b) for b in (1, 2, 3, 4, 8)] + [("lloyd_max", 4), ("fp4", 4), ("int_sparse24", 4)]
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def main() -> None:
+    for grid, bits in FORMATS:
+        torch.manual_seed(0)
+        quant = dict(name="q", grid=grid, bits=bits, estimator="trust", hadamard=True, hadamard_mode="half",
+                     kernel="torch")  # fmt: skip
+        module = LMModule(MODEL, OPTIM, quant=quant).eval()
+        with tempfile.TemporaryDirectory() as out:
+            s = export_packed(module, out)
+            model, _ = load_packed(out)
+            idx = torch.randint(0, MODEL["vocab_size"], (1, 64))
+            with torch.no_grad():
+                exact = torch.equal(model(idx), module.model(idx))
+        print(
+            f"{grid} W{bits}A{bits}: file {mib(s['file_bytes'])} (fp32 {mib(s['fp32_bytes'])}, bf16 "
+            f"{mib(s['bf16_bytes'])}); quantized linears {mib(s['quantized_linear_bytes'])} = "
+            f"{s['quantized_linear_bits_per_weight']:.3f} bits/weight; reload bit-exact: {exact}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

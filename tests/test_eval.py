@@ -1,0 +1,167 @@
+"""Evaluate (quest_pl.evaluate) and generate (quest_pl.generate) on a tiny QAT checkpoint: evaluation reproduces the
+training run's own validation, refuses another quantization unless asked, scores local text, writes metrics and
+TensorBoard; generation is deterministic with a seed; the export command and loader work end to end."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from tests.conftest import compose, run_cli, scalars
+
+TINY = ("experiment=smoke", "trainer.enable_progress_bar=false", "callbacks=none", "data.val_batches=2")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny QuEST W4A4 model trained 8 steps, with its run config beside the checkpoint as a Hydra run leaves it."""
+    from omegaconf import OmegaConf
+
+    from quest_pl.train import train
+
+    run_dir = tmp_path_factory.mktemp("qat_run")
+    cfg = compose(*TINY, "trainer.max_steps=8", "trainer.val_check_interval=8")
+    metrics = train(cfg, run_dir)
+    (run_dir / ".hydra").mkdir()
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    return run_dir, metrics
+
+
+def evaluate(trained, tmp_path, *overrides):
+    from quest_pl.evaluate import evaluate as evaluate_fn
+
+    ckpt = trained[0] / "checkpoints" / "last.ckpt"
+    cfg = compose(*TINY, f"eval.from={ckpt}", *overrides)
+    return evaluate_fn(cfg, tmp_path, overrides=list(overrides))
+
+
+def test_evaluate_reproduces_the_runs_validation(trained, tmp_path):
+    _run_dir, train_metrics = trained
+    metrics = evaluate(trained, tmp_path)
+    # the same quantized model on the same validation batches as the run's final validation
+    assert metrics["val/loss"] == pytest.approx(train_metrics["val/loss"], rel=1e-6)
+    assert metrics["val/ppl"] == pytest.approx(math.exp(metrics["val/loss"]), rel=1e-6)
+    assert metrics["step"] == 8 and metrics["quant"] == "quest_w4a4"
+    assert json.loads((tmp_path / "metrics.json").read_text())["val/loss"] == metrics["val/loss"]
+    assert scalars(tmp_path, "val/loss") == {8: pytest.approx(metrics["val/loss"], rel=1e-6)}
+
+
+def test_evaluate_refuses_another_quantization(trained, tmp_path):
+    from quest_pl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="quant='bf16': differs from the quantization the checkpoint was trained"):
+        evaluate(trained, tmp_path, "quant=bf16")
+    assert not (tmp_path / "metrics.json").exists()
+    same = evaluate(trained, tmp_path / "same", "quant=quest_w4a4", "quant.kernel=torch")  # same computation: fine
+    bf16 = evaluate(trained, tmp_path / "bf16", "quant=bf16", "eval.allow_quant_change=true")
+    assert bf16["quant"] == "bf16" and bf16["val/loss"] != same["val/loss"]
+
+
+def test_perplexity_on_a_text_file(trained, tmp_path):
+    from tokenizers import Tokenizer
+
+    from quest_pl.evaluate import text_file_loss
+    from quest_pl.export import find_tokenizer, module_from_checkpoint
+
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 30)
+    metrics = evaluate(trained, tmp_path / "run", f"eval.text_file={text}")
+    tok = Tokenizer.from_file(str(find_tokenizer(trained[0] / "checkpoints" / "last.ckpt")))
+    n_tokens = len(tok.encode(text.read_text()).ids) + 1  # + <|endoftext|>
+    assert metrics["tokens"] == n_tokens - 1  # every token but the first predicted once
+    # definition: mean cross-entropy of each next token given the previous (up to seq_len) tokens
+    module, _ = module_from_checkpoint(trained[0] / "checkpoints" / "last.ckpt", kernel=None)
+    loss, count = text_file_loss(module.model, tok, str(text), seq_len=64, batch_size=1)
+    assert (loss, count) == (pytest.approx(metrics["val/loss"], rel=1e-6), metrics["tokens"])
+    assert 0 < metrics["val/loss"] < math.log(2048) + 1
+
+
+@pytest.mark.slow
+def test_cli_eval_and_errors(trained, tmp_path):
+    ckpt = trained[0] / "checkpoints" / "last.ckpt"
+    out = run_cli(f"eval.from={ckpt}", "callbacks=none", f"hydra.run.dir={tmp_path}", timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "final val/loss=" in out.stdout and (tmp_path / "metrics.json").is_file()
+    bad = run_cli(f"eval.from={ckpt}", "quant=bf16", f"hydra.run.dir={tmp_path / 'bad'}", timeout=300)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: quant='bf16': differs")
+    missing = run_cli(f"eval.from={tmp_path / 'none.ckpt'}", f"hydra.run.dir={tmp_path / 'm'}", timeout=300)
+    assert missing.returncode == 2 and "error: eval.from=" in missing.stderr and "no such file" in missing.stderr
+
+
+def test_generate_is_deterministic_with_a_seed(trained):
+    from quest_pl.generate import generate, load_for_generation
+
+    model, tok = load_for_generation(trained[0] / "checkpoints" / "last.ckpt")
+    prompt = tok.encode("ROMEO:").ids
+    a = generate(model, prompt, 66, temperature=1.0, top_k=20, seed=3)  # longer than seq_len = 64: context cropped
+    b = generate(model, prompt, 66, temperature=1.0, top_k=20, seed=3)
+    c = generate(model, prompt, 8, temperature=1.0, top_k=20, seed=4)
+    assert a == b and c != a[:8] and len(a) == 66
+    greedy = generate(model, prompt, 5, temperature=0)
+    idx = torch.tensor([prompt])
+    with torch.no_grad():
+        first = int(model(idx)[0, -1].argmax())
+    assert greedy[0] == first
+    top1 = generate(model, prompt, 5, temperature=1.0, top_k=1, seed=9)
+    assert top1 == greedy  # top-k 1 is greedy whatever the seed
+
+
+def test_export_command_and_generate_from_the_export(trained, tmp_path):
+    from quest_pl.export import load_packed, main
+    from quest_pl.generate import generate, load_for_generation
+
+    ckpt = trained[0] / "checkpoints" / "last.ckpt"
+    assert main([str(ckpt), str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "tokenizer.json").is_file() and (tmp_path / "out" / "config.json").is_file()
+    packed, _ = load_packed(tmp_path / "out")
+    qat, tok = load_for_generation(ckpt)
+    idx = torch.tensor([tok.encode("KING HENRY:").ids])
+    with torch.no_grad():
+        assert torch.equal(packed(idx), qat(idx))
+    from_export, _ = load_for_generation(tmp_path / "out")
+    assert generate(from_export, idx[0].tolist(), 10, seed=1) == generate(qat, idx[0].tolist(), 10, seed=1)
+
+
+def test_export_command_hugging_face(trained, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from quest_pl.export import main
+
+    ckpt = trained[0] / "checkpoints" / "last.ckpt"
+    assert main([str(ckpt), str(tmp_path / "out"), "--hf", str(tmp_path / "hf")]) == 2  # W4A4: refused
+    assert not (tmp_path / "hf").exists()
+    assert main([str(ckpt), str(tmp_path / "out"), "--hf", str(tmp_path / "hf"), "--hf-drop-act-quant"]) == 0
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = tok("ROMEO:", return_tensors="pt").input_ids
+    assert ids.shape[1] > 1 and hf(ids).logits.shape == (1, ids.shape[1], hf.config.vocab_size)
+
+
+def test_evaluate_on_another_data_config_uses_the_checkpoints_tokenizer(trained, tmp_path):
+    from quest_pl.export import find_tokenizer
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("".join(f"Line {i}: to be, or not to be, that is the question.\n" for i in range(400)))
+    metrics = evaluate(trained, tmp_path / "run", "data=text_file", f"data.path={text}", "data.chunks_per_file=8")
+    assert metrics["data"] == f"text_file:{text}" and 0 < metrics["val/loss"] < math.log(2048) + 1
+    ckpt = trained[0] / "checkpoints" / "last.ckpt"
+    tok = find_tokenizer(ckpt)
+    assert tok.is_file() and tok.name == "tokenizer.json"
+    (trained[0] / "tokenizer.json").write_text(tok.read_text())  # a run directory's own copy wins
+    try:
+        assert find_tokenizer(ckpt) == trained[0] / "tokenizer.json"
+    finally:
+        (trained[0] / "tokenizer.json").unlink()
+
+
+def test_generate_command(trained, capsys):
+    from quest_pl.generate import main
+
+    ckpt = str(trained[0] / "checkpoints" / "last.ckpt")
+    args = [ckpt, "--prompt", "ROMEO:", "--max-new-tokens", "6", "--seed", "1", "--device", "cpu"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert main(args) == 0
+    assert first.startswith("ROMEO:") and capsys.readouterr().out == first
+    assert main([ckpt, "--temperature", "-1"]) == 2
+    assert "error: --temperature=-1.0" in capsys.readouterr().err

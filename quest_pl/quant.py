@@ -332,8 +332,12 @@ def output_heads(model: nn.Module) -> set[str]:
     ``nn.Embedding`` (a tied head), is named one of :data:`HEAD_NAMES` (the last part of its name), or is the last
     element of an ``nn.Sequential`` model."""
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
+    head = None
+    if callable(getattr(model, "get_output_embeddings", None)):
+        try:
+            head = model.get_output_embeddings()
+        except (NotImplementedError, AttributeError):  # a model class that declares no output embedding
+            head = None
     names = set()
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):

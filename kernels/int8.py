@@ -164,7 +164,10 @@ def _codes_impl(x, bits, hadamard, estimator, trust, clip_scale):
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """codes · Δ/2 per row in fp32, rounded once to ``dtype``: the fake-quantized values of the bf16 path. One Triton
     pass in eager mode on CUDA (three PyTorch passes otherwise; under torch.compile Inductor fuses them)."""
-    if codes.is_cuda and not torch.compiler.is_compiling() and codes.stride(-1) == 1 and codes.dim() == 2:
+    # A plain tensor only: under torch.compile (also while AOT autograd traces a custom op's backward, where
+    # is_compiling() can be False) the operands are fake or functional tensors that a Triton launch cannot read.
+    eager = type(codes) is torch.Tensor and not torch.compiler.is_compiling()
+    if eager and codes.is_cuda and codes.stride(-1) == 1 and codes.dim() == 2:
         from quest_pl.kernels import _triton
 
         return _triton.dequantize(codes, scales.float().contiguous(), dtype)

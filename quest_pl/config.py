@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 CONFIG_DIR = Path(__file__).resolve().parent / "experiments"
 
@@ -64,7 +64,13 @@ def check(cfg: DictConfig, key: str, ok: Callable[[Any], bool], allowed: str, op
     value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
     if value is None and optional:
         return None
-    if value is None or not ok(value):
+    try:
+        good = value is not None and ok(value)
+    except (TypeError, ValueError):  # a scalar where a list belongs, a list where a number belongs, ...
+        good = False
+    if not good:
+        if isinstance(value, (DictConfig, ListConfig)):
+            value = OmegaConf.to_container(value)
         raise ConfigError(f"{key}={value!r}: expected {allowed}")
     return value
 
@@ -142,7 +148,12 @@ def validate(cfg: DictConfig) -> None:
 
         if importlib.util.find_spec("wandb") is None:
             raise ConfigError("logger=wandb: the wandb package is not installed (pip install wandb)")
-    allowed = check(cfg, "resume.allow_changes", lambda v: all(isinstance(k, str) for k in v), "a list of keys")
+    allowed = check(
+        cfg,
+        "resume.allow_changes",
+        lambda v: isinstance(v, ListConfig) and all(isinstance(k, str) for k in v),
+        "a list of keys, e.g. [optim.lr]",
+    )
     del allowed
     # checkpoint
     positive_int(cfg, "checkpoint.every_n_steps", optional=True)

@@ -375,6 +375,7 @@ def check_checkpoint(path: str, mmap: bool = False) -> dict:
 # change neither the trained weights nor the logged numbers.
 RESUME_KEYS = ("model", "quant", "optim", "data", "seed", "trainer.max_steps", "trainer.accumulate_grad_batches",
                "trainer.gradient_clip_val", "trainer.precision", "trainer.devices", "trainer.num_nodes")  # fmt: skip
+RESUME_GROUPS = ("model", "quant", "optim", "data", "seed", "trainer")
 RESUME_IGNORED = ("data.num_workers", "data.cache_dir", "quant.kernel")
 
 
@@ -406,8 +407,10 @@ def check_resume(cfg: DictConfig, ckpt: dict) -> dict[str, tuple[Any, Any]]:
     if step > max_steps:
         raise ConfigError(f"ckpt_path={path!r}: the checkpoint is at step {step}, past trainer.max_steps={max_steps}")
     allowed = set(OmegaConf.select(cfg, "resume.allow_changes", default=None) or [])
-    groups = ("model", "quant", "optim", "data", "seed", "trainer")
-    new = _resume_view(_flatten({g: OmegaConf.to_container(cfg, resolve=True)[g] for g in groups}))
+    groups = RESUME_GROUPS
+    plain = {g: cfg.get(g) for g in groups}
+    plain = {g: OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig) else v for g, v in plain.items()}
+    new = _resume_view(_flatten(plain))
     saved = ckpt.get("quest_pl_config")
     if isinstance(saved, dict):
         old = _resume_view(_flatten({g: saved.get(g) for g in groups}))

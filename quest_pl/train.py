@@ -111,13 +111,18 @@ def remove_stale_temp_files(directory: Path) -> None:
 
 
 class SaveRunConfig:
-    """Stores the composed config in every checkpoint (``quest_pl_config``, plain types: ``weights_only`` loads it), so
-    a resume can be compared with what the checkpoint was trained with (:func:`quest_pl.config.check_resume`)."""
+    """Stores the composed config's training groups in every checkpoint (``quest_pl_config``, plain types:
+    ``weights_only`` loads it), so a resume can be compared with what the checkpoint was trained with
+    (:func:`quest_pl.config.check_resume`)."""
 
     def __new__(cls, cfg: DictConfig):
         import lightning as L
 
-        container = OmegaConf.to_container(cfg, resolve=True)
+        from quest_pl.config import RESUME_GROUPS
+
+        container = {g: cfg.get(g) for g in RESUME_GROUPS}
+        container = {k: OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig) else v
+                     for k, v in container.items()}  # fmt: skip
 
         class _SaveRunConfig(L.Callback):
             def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:

@@ -255,7 +255,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         check_compatible(cfg.ckpt_path, module)
 
     loggers = build_loggers(cfg, run_dir)
-    trainer = build_trainer(cfg, run_dir, loggers, build_callbacks(cfg, run_dir))
+    from quest_pl.callbacks import SaveOnInterrupt
+
+    callbacks = build_callbacks(cfg, run_dir)
+    interrupt = next(c for c in callbacks if isinstance(c, SaveOnInterrupt))
+    trainer = build_trainer(cfg, run_dir, loggers, callbacks)
     if trainer.is_global_zero:
         for logger in loggers:
             if isinstance(logger, TensorBoardLogger):
@@ -274,38 +278,21 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         )
         return metrics
 
-    interrupted: list[int] = []
-
-    def on_sigint(signum, frame) -> None:
-        """Ctrl-C takes SIGTERM's exact path: stop at the end of the current batch, save ``last.ckpt``. A second
-        Ctrl-C stops at once (Lightning's KeyboardInterrupt path, no checkpoint)."""
-        if interrupted:
-            raise KeyboardInterrupt
-        interrupted.append(signum)
-        print("\nCtrl-C: stopping after the current batch (press again to stop at once)", file=sys.stderr, flush=True)
-        trainer._signal_connector.received_sigterm = True
-        launcher = trainer.strategy.launcher
-        if launcher is not None:  # DDP ranks started by this process stop the same way
-            launcher.kill(signum)
-
-    try:
-        previous = signal.signal(signal.SIGINT, on_sigint)
-    except ValueError:  # not the main thread: Ctrl-C stays Python's KeyboardInterrupt
-        previous = None
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
         if module.last_val_step != trainer.global_step:  # max_steps is not a multiple of val_check_interval
             trainer.validate(module, datamodule=dm, verbose=False)
     except SIGTERMException:  # SaveOnInterrupt has written last.ckpt; exit as a signalled process does
-        raise SystemExit(128 + (signal.SIGINT if interrupted else signal.SIGTERM)) from None
+        raise SystemExit(128 + (interrupt.requested or signal.SIGTERM)) from None
+    except SystemExit:  # a second Ctrl-C: Lightning exits with status 1
+        if interrupt.requested == signal.SIGINT:
+            raise SystemExit(128 + signal.SIGINT) from None
+        raise
     except Diverged as e:
         metrics = summary("diverged") | {"error": str(e), "diverged_step": e.step}
         if trainer.is_global_zero:
             write_metrics(run_dir, metrics)
         raise
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
     metrics = summary("ok")
     if trainer.is_global_zero:
         write_metrics(run_dir, metrics)

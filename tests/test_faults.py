@@ -37,9 +37,15 @@ def checkpoint_is_finite(path: Path) -> bool:
 def hydra_cleanup():
     """In-process ``cli()`` runs leave Hydra's global state initialised; later compose() calls need it clear."""
     yield
+    import logging
+
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
+    root = logging.getLogger()  # Hydra's console handler writes to the test's (now closed) captured stdout
+    for handler in list(root.handlers):
+        if not type(handler).__module__.startswith("_pytest"):
+            root.removeHandler(handler)
 
 
 def run_cli_inprocess(monkeypatch, capsys, cwd, *args) -> tuple[int, str, str]:
@@ -309,6 +315,64 @@ def test_sigint_mid_step_resumes_exactly(tmp_path):
     train(compose(*common, f"ckpt_path={last}"), run)
     for tag in ("train/loss", "val/loss", "train/lr"):
         a, b = scalars(full, tag), scalars(run, tag)
+        assert sorted(b) == sorted(a), tag
+        for s, v in b.items():
+            assert v == pytest.approx(a[s], rel=1e-5, abs=1e-7), (tag, s)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    from quest_pl.train import train
+
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    train(compose(*INTERRUPT_RUN), run_dir)
+    return run_dir
+
+
+INTERRUPT_RUN = (*TINY, "trainer.max_steps=16", "trainer.val_check_interval=8", "trainer.log_every_n_steps=1",
+                 "trainer.accumulate_grad_batches=2")  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["validation_batch", "validation_end", "mid_accumulation"])
+def test_interrupt_anywhere_resumes_exactly(tmp_path, uninterrupted, where):
+    """The stop request (what Ctrl-C and SIGTERM record) injected inside a validation, between a step and its
+    validation, and between two micro-batches of a step: the resumed run logs what the uninterrupted one did."""
+    import lightning as L
+
+    from quest_pl import train as train_module
+    from quest_pl.callbacks import SaveOnInterrupt
+
+    class Request(L.Callback):
+        def _request(self, trainer):
+            next(c for c in trainer.callbacks if isinstance(c, SaveOnInterrupt)).requested = signal.SIGINT
+
+        def on_validation_batch_end(self, trainer, *args, **kwargs):
+            if where == "validation_batch" and trainer.global_step == 8:
+                self._request(trainer)
+
+        def on_validation_epoch_end(self, trainer, *args, **kwargs):
+            if where == "validation_end" and trainer.global_step == 8:
+                self._request(trainer)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if where == "mid_accumulation" and trainer.global_step == 5 and batch_idx % 2 == 0:
+                self._request(trainer)
+
+    build = train_module.build_callbacks
+    run = tmp_path / "run"
+    try:
+        train_module.build_callbacks = lambda cfg, d: [*build(cfg, d), Request()]
+        with pytest.raises(SystemExit) as e:
+            train_module.train(compose(*INTERRUPT_RUN), run)
+    finally:
+        train_module.build_callbacks = build
+    assert e.value.code == 130
+    last = run / "checkpoints" / "last.ckpt"
+    assert 0 < torch.load(last, map_location="cpu", weights_only=True)["global_step"] < 16
+    train_module.train(compose(*INTERRUPT_RUN, f"ckpt_path={last}"), run)
+    for tag in ("train/loss", "val/loss", "train/lr"):
+        a, b = scalars(uninterrupted, tag), scalars(run, tag)
         assert sorted(b) == sorted(a), tag
         for s, v in b.items():
             assert v == pytest.approx(a[s], rel=1e-5, abs=1e-7), (tag, s)

@@ -176,7 +176,8 @@ def _instantiate(spec: dict, **fill):
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     """Every entry of the ``logger`` group (``logger=tensorboard|csv|wandb|many``), saving under the run dir."""
-    specs = OmegaConf.to_container(cfg.get("logger") or {}, resolve=True)
+    group = cfg.get("logger")
+    specs = OmegaConf.to_container(group, resolve=True) if group is not None else {}
     loggers = []
     for spec in specs.values():
         if spec is not None and "_target_" in spec:

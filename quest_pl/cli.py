@@ -129,7 +129,7 @@ def precheck(argv: list[str]) -> None:
     from hydra._internal.utils import get_args_parser
     from hydra.types import RunMode
 
-    from quest_pl.config import validate
+    from quest_pl.config import check_bits_without_grid, check_devices, validate
     from quest_pl.model import LlamaConfig
     from quest_pl.overrides import compose_checked, job_overrides
     from quest_pl.quant import QuantConfig
@@ -145,6 +145,9 @@ def precheck(argv: list[str]) -> None:
     for overrides in jobs if multirun else jobs[:1]:
         cfg = first if overrides is jobs[0] else compose_checked(overrides, parsed)
         validate(cfg)
+        check_devices(cfg)
+        if not multirun:
+            check_bits_without_grid(cfg)
         m = cfg.model
         QuantConfig.from_cfg(cfg.quant, LlamaConfig(n_layer=m.n_layer, d_model=m.d_model, n_head=m.n_head))
     out = Path(str(first.hydra.sweep.dir if multirun else first.hydra.run.dir)).expanduser()

@@ -174,14 +174,7 @@ def validate_quant(cfg: DictConfig) -> None:
         if value is not None and not (_is_number(value) and value > 0):
             raise ConfigError(f"quant.{op}={value!r}: expected null (full precision) or a number > 0")
     grid = q.get("grid")
-    if grid is None:
-        for key in ("bits", "w_bits", "a_bits", "w_grid", "a_grid"):
-            if q.get(key) is not None:
-                raise ConfigError(
-                    f"quant.{key}={q.get(key)!r}: quant.grid is null (nothing is quantized); choose a grid "
-                    f"(e.g. quant=quest_w4a4) or leave quant.{key} null"
-                )
-    elif q.get("w_bits") is None and q.get("a_bits") is None:
+    if grid is not None and q.get("w_bits") is None and q.get("a_bits") is None:
         raise ConfigError(
             f"quant.grid={grid!r}: both operands are in full precision (quant.bits, quant.w_bits and quant.a_bits are "
             f"null); set quant.bits, or use quant=bf16 for full precision"
@@ -200,6 +193,19 @@ def validate_quant(cfg: DictConfig) -> None:
         path = os.path.expanduser(str(p.get("from")))
         if not os.path.isfile(path):
             raise ConfigError(f"ptq.from={p.get('from')!r}: no such file")
+
+
+def check_bits_without_grid(cfg: DictConfig) -> None:
+    """A single run given bits but no grid would train in full precision under the user's nose. (In a sweep,
+    ``quant.bits=N`` moves every quantized arm and leaves the BF16 baseline arm as it is: allowed there.)"""
+    q = cfg.quant
+    if q.get("grid") is None:
+        for key in ("bits", "w_bits", "a_bits", "w_grid", "a_grid"):
+            if q.get(key) is not None:
+                raise ConfigError(
+                    f"quant.{key}={q.get(key)!r}: quant.grid is null (nothing is quantized); choose a grid "
+                    f"(e.g. quant=quest_w4a4) or leave quant.{key} null"
+                )
 
 
 def validate_trainer(cfg: DictConfig) -> None:
@@ -251,6 +257,13 @@ def validate_trainer(cfg: DictConfig) -> None:
         ),
         "an integer >= 1, -1 (all), auto, or a list of device indices",
     )
+    del accelerator, devices  # check_devices() compares them with the machine (not for configs meant elsewhere)
+
+
+def check_devices(cfg: DictConfig) -> None:
+    """The devices a run asks for exist on this machine (``validate`` checks values only: a GPU config composes and
+    validates anywhere)."""
+    accelerator, devices = cfg.trainer.accelerator, cfg.trainer.devices
     if accelerator in ("gpu", "cuda"):
         import torch
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from quest_pl.config import ConfigError, check_checkpoint, check_resume, expand_paths, validate
+from quest_pl.config import ConfigError, check_checkpoint, check_devices, check_resume, expand_paths, validate
 from quest_pl.io import TMP_PREFIX, atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -233,6 +233,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     with ``"status": "diverged"``; the checkpoints already written are kept (none holds the diverged state)."""
     cfg = expand_paths(cfg)
     validate(cfg)
+    check_devices(cfg)
     from quest_pl.quant import QuantConfig
 
     QuantConfig.validate(cfg.quant)

@@ -376,3 +376,20 @@ def test_interrupt_anywhere_resumes_exactly(tmp_path, uninterrupted, where):
         assert sorted(b) == sorted(a), tag
         for s, v in b.items():
             assert v == pytest.approx(a[s], rel=1e-5, abs=1e-7), (tag, s)
+
+
+def test_user_error_inside_the_job_removes_the_fresh_run_dir(trained, monkeypatch, capsys, tmp_path, hydra_cleanup):
+    """An error only found once the job runs (an older checkpoint of another model shape, found when the model is
+    built): one line, exit 2, and the run dir Hydra had created for it is gone again."""
+    ckpt = torch.load(trained / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    del ckpt["quest_pl_config"]  # written before the config was stored: precheck cannot see the model change
+    old = tmp_path / "old.ckpt"
+    torch.save(ckpt, old)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    code, _, err = run_cli_inprocess(
+        monkeypatch, capsys, cwd, *TINY, "trainer.max_steps=2", "model.n_layer=2", f"ckpt_path={old}"
+    )
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "incompatible" in errors[0], err[-2000:]
+    assert list(cwd.iterdir()) == []  # no outputs/<run>/<time> left behind

@@ -1,60 +1,187 @@
 """The command line: ``quest-pl [group=option ...] [key=value ...]`` (or ``python run.py ...`` in a checkout).
 
-Config groups live in ``experiments/`` (model, data, optim, trainer, callbacks, logger, quant, experiment). A user
-error (bad value, missing file, unknown option) prints one line naming the key and exits with status 2.
+Config groups live in ``experiments/`` (model, data, optim, trainer, callbacks, logger, quant, debug, experiment).
+Before Hydra creates a run directory, every override is checked against the composed config and every job the command
+would start is validated (:mod:`quest_pl.overrides`), so a bad input leaves nothing behind.
+
+Exit status: 0 done; 2 a user error (one ``error: ...`` line naming the key); 3 training diverged (``metrics.json`` says
+``"status": "diverged"``; in a sweep the other arms still run and the sweep exits 3 at the end); 130 Ctrl-C and 143
+SIGTERM (``checkpoints/last.ckpt`` written at the last completed step).
 """
 
 import logging
+import os
+import shutil
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from quest_pl.config import CONFIG_DIR, ConfigError
-from quest_pl.overrides import check_group_choices
-from quest_pl.sweep import register_resolvers
 
 log = logging.getLogger("quest_pl")
+
+EXIT_CONFIG = 2
+EXIT_DIVERGED = 3
+EXIT_SIGINT = 130
+
+_state: dict = {"diverged": [], "new_dirs": []}
+# What Hydra itself writes into a run directory before the job starts: a directory holding only these was created
+# by this command, and is removed again when the job fails on a user error.
+HYDRA_ARTIFACTS = {".hydra", "run.log"}
+# Lines that say nothing about the run: advertisements, and Lightning noting the model summary train.py asked for.
+NOISE = ("💡", "litmodels", "LitLogger", "litlogger", "Skipping setting a default `ModelSummary`")
+
+
+class _NoPromotion(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(word in record.getMessage() for word in NOISE)
+
+
+def setup_logging() -> None:
+    """Each line once, on the console and in ``run.log`` (Hydra's two handlers): Lightning's own stream handler
+    removed and its records passed up; warnings through logging; no promotional tips."""
+    import lightning  # noqa: F401  (its import adds a console handler of its own: remove it now)
+
+    root = logging.getLogger()
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.propagate = True
+    for handler in root.handlers:
+        if not any(isinstance(f, _NoPromotion) for f in handler.filters):
+            handler.addFilter(_NoPromotion())
+    logging.captureWarnings(True)
+
+
+def echo(message: str, error: bool = False) -> None:
+    """Print a line as is (``error: ...`` on stderr) and put it in ``run.log`` too."""
+    print(message, file=sys.stderr if error else sys.stdout, flush=True)
+    record = logging.LogRecord("quest_pl", logging.ERROR if error else logging.INFO, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def set_threads() -> None:
+    """``OMP_NUM_THREADS`` (``hydra.job.env_set``: 1 unless exported) applied to torch even when torch was imported
+    (and its thread pool sized) before Hydra set the variable."""
+    n = os.environ.get("OMP_NUM_THREADS", "")
+    if n.isdigit() and int(n) > 0:
+        import torch
+
+        torch.set_num_threads(int(n))
+
+
+def remove_if_fresh(run_dir: Path) -> None:
+    """After a user error inside the job: remove the run directory if it holds only what Hydra wrote for this
+    command, and the parents this command created."""
+    logging.shutdown()  # close run.log
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= HYDRA_ARTIFACTS:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        for parent in run_dir.parents:
+            if parent not in _state["new_dirs"] or not parent.is_dir() or any(parent.iterdir()):
+                break
+            parent.rmdir()
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
-    from quest_pl.train import train
+    from quest_pl.train import Diverged, train
 
-    run_dir = HydraConfig.get().runtime.output_dir
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    setup_logging()
+    set_threads()
     try:
         if cfg.ptq.get("from"):  # data-free PTQ of a checkpoint instead of training
+            from quest_pl.config import expand_paths
             from quest_pl.ptq import run as run_ptq
 
-            metrics = run_ptq(cfg, run_dir)
+            metrics = run_ptq(expand_paths(cfg), run_dir)
         elif cfg.get("eval") is not None and cfg.eval.get("from"):  # evaluate a checkpoint (quest_pl.evaluate)
             from quest_pl.evaluate import run as run_eval
 
-            metrics = run_eval(cfg, run_dir, overrides=list(HydraConfig.get().overrides.task))
+            metrics = run_eval(expand_paths(cfg), run_dir, overrides=list(HydraConfig.get().overrides.task))
         else:
             metrics = train(cfg, run_dir)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        echo(f"error: {e}", error=True)
+        remove_if_fresh(run_dir)
+        sys.exit(EXIT_CONFIG)
+    except Diverged as e:
+        echo(f"error: {e}; metrics.json marks the run as diverged, the checkpoints before it are kept", error=True)
+        if hydra_cfg.mode == RunMode.MULTIRUN:  # the other arms still run; the sweep exits 3 at the end
+            _state["diverged"].append(str(run_dir))
+            return None
+        sys.exit(EXIT_DIVERGED)
     if metrics["rank"] == 0:
-        print(
+        echo(
             f"final val/loss={metrics['val/loss']:.4f} val/ppl={metrics['val/ppl']:.2f} after {metrics['step']} steps "
-            f"({metrics['wall_s']:.1f} s); run dir: {HydraConfig.get().runtime.output_dir}"
+            f"({metrics['wall_s']:.1f} s); run dir: {run_dir}"
         )
     return metrics.get("val/loss")
 
 
+def precheck(argv: list[str]) -> None:
+    """Check the command line and validate every job it starts, before Hydra creates anything."""
+    from hydra._internal.utils import get_args_parser
+    from hydra.types import RunMode
+
+    from quest_pl.config import check_bits_without_grid, check_devices, validate
+    from quest_pl.model import LlamaConfig
+    from quest_pl.overrides import compose_checked, job_overrides
+    from quest_pl.quant import QuantConfig
+
+    args = get_args_parser().parse_args(argv)
+    if any((args.help, args.hydra_help, args.shell_completion, args.info, args.config_path, args.config_name,
+            args.config_dir, args.experimental_rerun)):  # fmt: skip
+        return  # Hydra's own modes, or another primary config: Hydra checks
+    parsed, jobs, first = job_overrides(args.overrides)
+    if args.cfg:
+        return  # --cfg job: print the config, run nothing
+    multirun = args.multirun or first.hydra.mode == RunMode.MULTIRUN
+    for overrides in jobs if multirun else jobs[:1]:
+        cfg = first if overrides is jobs[0] else compose_checked(overrides, parsed)
+        validate(cfg)
+        check_devices(cfg)
+        if not multirun:
+            check_bits_without_grid(cfg)
+        m = cfg.model
+        QuantConfig.from_cfg(cfg.quant, LlamaConfig(n_layer=m.n_layer, d_model=m.d_model, n_head=m.n_head))
+    out = Path(str(first.hydra.sweep.dir if multirun else first.hydra.run.dir)).expanduser()
+    if out.exists() and not out.is_dir():
+        key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+        raise ConfigError(f"{key}={str(out)!r}: a file, not a directory")
+    _state["new_dirs"] = [p.resolve() for p in [out, *out.parents] if not p.exists()]
+
+
 def cli() -> None:
     """Entry point of ``quest-pl`` and ``run.py``."""
+    from quest_pl.sweep import register_resolvers
+
     register_resolvers()  # ${arm_name:...} in run_name, before Hydra composes
     try:
-        check_group_choices(CONFIG_DIR, sys.argv[1:])
+        precheck(sys.argv[1:])
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    main()
+        sys.exit(EXIT_CONFIG)
+    except KeyboardInterrupt:
+        sys.exit(EXIT_SIGINT)
+    _state["diverged"] = []
+    try:
+        main()
+    except KeyboardInterrupt:  # outside training (tokenisation, a second Ctrl-C): nothing to save
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(EXIT_SIGINT)
+    if _state["diverged"]:
+        print(f"error: {len(_state['diverged'])} arm(s) diverged: {', '.join(_state['diverged'])}", file=sys.stderr)
+        sys.exit(EXIT_DIVERGED)
 
 
 if __name__ == "__main__":

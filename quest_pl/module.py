@@ -60,7 +60,7 @@ class LMModule(L.LightningModule):
             quantize_model(self.model, self.quant)
         # Not a submodule attribute: the checkpoint holds the eager model's keys only, compiled or not.
         object.__setattr__(self, "compiled", torch.compile(self.model) if compile else None)
-        self.val_loss = MeanMetric()
+        self.val_loss = MeanMetric(nan_strategy="disable")  # a NaN loss makes the mean NaN, never dropped
         self.last_val_step: int | None = None  # global step of the latest validation (train.py adds a final one)
         self._last_log: tuple[float, int] | None = None
 
@@ -79,8 +79,28 @@ class LMModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         inputs, targets = batch
         loss = self.loss_fn(self(inputs), targets)
+        # One process: stop before the backward. Under DDP a rank alone must not stop (the others would wait in the
+        # all-reduce): a non-finite loss there shows up in the all-reduced gradient norm on every rank.
+        if self.trainer.world_size == 1 and not torch.isfinite(loss):
+            self._diverged("loss", loss)
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def _diverged(self, what: str, value: torch.Tensor) -> None:
+        from quest_pl.train import Diverged
+
+        raise Diverged(self.trainer.global_step, what, float(value))
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """A non-finite gradient norm stops training before the optimizer touches the weights (16-mixed excepted:
+        its gradient scaler skips such steps by design)."""
+        if self.trainer.precision == "16-mixed":
+            return
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            if not torch.isfinite(norm):
+                self._diverged("grad_norm", norm)
 
     @property
     def tokens_per_step(self) -> int:
@@ -108,6 +128,8 @@ class LMModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
         self.val_loss.reset()
+        if not torch.isfinite(loss):
+            self._diverged("val/loss", loss)
         self.last_val_step = self.trainer.global_step
         # MeanMetric.compute() already reduced over ranks; sync_dist only averages identical values.
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)

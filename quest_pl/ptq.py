@@ -653,7 +653,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     t = cfg.trainer
     metrics = evaluate(
         ckpt_path, ptq, data_cfg, run_dir, accelerator=t.accelerator, precision=t.precision,
-        tensorboard=bool(cfg.logger.tensorboard),
+        tensorboard=bool((cfg.get("logger") or {}).get("tensorboard")),
     )  # fmt: skip
     return {**metrics, "rank": 0}
 

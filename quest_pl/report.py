@@ -144,7 +144,14 @@ def collect(sweep_dir: Path) -> list[dict]:
     """One record per finished job: the summary row plus the curves the plots need (keys starting with ``_``)."""
     arms = []
     for job in job_dirs(sweep_dir):
-        metrics = json.loads((job / "metrics.json").read_text())
+        from quest_pl.config import ConfigError
+
+        try:
+            metrics = json.loads((job / "metrics.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:  # a damaged file: one line, not a traceback
+            raise ConfigError(f"{str(job / 'metrics.json')!r}: not valid JSON ({e})") from None
+        if not isinstance(metrics, dict):
+            raise ConfigError(f"{str(job / 'metrics.json')!r}: not a JSON object")
         scalars = read_scalars(job)
         quant = load_quant(job)
         row = {"arm": arm_name(job), **describe_quant(quant)}

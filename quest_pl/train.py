@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -13,7 +13,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from quest_pl.budget import apply_token_budget
-from quest_pl.config import ConfigError, check_checkpoint, validate
+from quest_pl.config import (
+    PROJECT_TRAINER_KEYS,
+    ConfigError,
+    check_checkpoint,
+    check_devices,
+    check_resume,
+    expand_paths,
+    validate,
+)
+from quest_pl.io import TMP_PREFIX, atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +32,14 @@ def resolve_precision(precision: str | None, accelerator: str) -> str:
     if precision is None:
         return "bf16-mixed" if on_gpu else "32-true"
     return precision
+
+
+class Diverged(RuntimeError):
+    """Training stopped on a non-finite loss, gradient norm or validation loss (``run.py`` exits with status 3)."""
+
+    def __init__(self, step: int, what: str, value: float):
+        self.step, self.what, self.value = step, what, value
+        super().__init__(f"training diverged at step {step} ({what}={value:g})")
 
 
 def build_datamodule(cfg: DictConfig):
@@ -76,13 +93,61 @@ def check_compatible(ckpt_path: str, module) -> None:
             )
 
 
+class AtomicCheckpointIO:
+    """Lightning's ``TorchCheckpointIO`` writing through :func:`quest_pl.io.atomic_path`: the temporary file is in the
+    checkpoint's own directory (never ``$TMPDIR``), fsynced, then renamed over the old file, so a kill or a full disk
+    leaves the previous checkpoint intact whatever filesystem the run dir is on. Created lazily (Lightning import)."""
+
+    def __new__(cls):
+        from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+        from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+        class _AtomicCheckpointIO(TorchCheckpointIO):
+            def save_checkpoint(self, checkpoint, path, storage_options=None):
+                if storage_options is not None or not _is_local_file_protocol(path):
+                    return super().save_checkpoint(checkpoint, path, storage_options)
+                with atomic_path(path) as tmp:
+                    torch.save(checkpoint, tmp)
+
+        return _AtomicCheckpointIO()
+
+
+def remove_stale_temp_files(directory: Path) -> None:
+    """Temporary files a killed save left beside the checkpoints (``quest_pl.io`` names them ``.tmp-*``)."""
+    for tmp in directory.glob(f"{TMP_PREFIX}*") if directory.is_dir() else []:
+        log.info("removing %s (left by an interrupted save)", tmp)
+        tmp.unlink(missing_ok=True)
+
+
+class SaveRunConfig:
+    """Stores the composed config's training groups in every checkpoint (``quest_pl_config``, plain types:
+    ``weights_only`` loads it), so a resume can be compared with what the checkpoint was trained with
+    (:func:`quest_pl.config.check_resume`)."""
+
+    def __new__(cls, cfg: DictConfig):
+        import lightning as L
+
+        from quest_pl.config import RESUME_GROUPS
+
+        container = {g: cfg.get(g) for g in RESUME_GROUPS}
+        container = {k: OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig) else v
+                     for k, v in container.items()}  # fmt: skip
+
+        class _SaveRunConfig(L.Callback):
+            def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+                checkpoint["quest_pl_config"] = container
+
+        return _SaveRunConfig()
+
+
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
     import hydra
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary
 
     from quest_pl.callbacks import SaveOnInterrupt
 
     ckpt_dir = run_dir / "checkpoints"
+    remove_stale_temp_files(ckpt_dir)
     every = cfg.checkpoint.every_n_steps
     callbacks = [
         ModelCheckpoint(
@@ -92,15 +157,64 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
             every_n_train_steps=every or cfg.trainer.max_steps,
             save_top_k=-1 if every else 0,
             save_last=True,
+            enable_version_counter=False,  # resuming into the same run dir updates last.ckpt, not last-v1.ckpt
         ),
         SaveOnInterrupt(ckpt_dir),
+        SaveRunConfig(cfg),
+        ModelSummary(max_depth=1),  # through logging (console and run.log), not a terminal-only table
     ]
-    for name, spec in (cfg.callbacks or {}).items():
+    for name, spec in (cfg.get("callbacks") or {}).items():
         if spec is not None and "_target_" in spec:
             callbacks.append(hydra.utils.instantiate(spec))
         else:
             log.debug("callback %s has no _target_; skipped", name)
     return callbacks
+
+
+def _instantiate(spec: dict, **fill):
+    """``spec['_target_'](**spec, **fill)``, nested ``_target_`` values instantiated too (Hydra's rule)."""
+    import hydra
+
+    params = dict(spec)
+    cls = hydra.utils.get_class(params.pop("_target_"))
+    for k, v in params.items():
+        if isinstance(v, dict) and "_target_" in v:
+            params[k] = hydra.utils.instantiate(v)
+    return cls(**{**params, **fill})
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
+    """Every entry of the ``logger`` group (``logger=tensorboard|csv|wandb|many``), saving under the run dir."""
+    group = cfg.get("logger")
+    specs = OmegaConf.to_container(group, resolve=True) if group is not None else {}
+    loggers = []
+    for spec in specs.values():
+        if spec is not None and "_target_" in spec:
+            loggers.append(_instantiate(spec, save_dir=str(run_dir)))
+    return loggers
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, loggers: list, callbacks: list):
+    """The ``trainer`` group instantiated from its ``_target_`` (any Trainer argument passes through), with the
+    precision resolved, validation every ``val_check_interval`` optimizer steps and atomic checkpoint writes."""
+    spec = OmegaConf.to_container(cfg.trainer, resolve=True)
+    for key in PROJECT_TRAINER_KEYS:  # read by the project (quest_pl.budget), not arguments of the Trainer
+        spec.pop(key, None)
+    t = cfg.trainer
+    progress = spec.get("enable_progress_bar")
+    if progress is None:  # a progress bar only on a terminal: no escape sequences in redirected logs
+        progress = sys.stdout.isatty() and sys.stderr.isatty()
+    accumulate = spec.get("accumulate_grad_batches", 1)
+    return _instantiate(
+        spec,
+        precision=resolve_precision(t.precision, t.accelerator),
+        val_check_interval=min(t.val_check_interval, t.max_steps) * accumulate,
+        enable_progress_bar=progress,
+        logger=loggers or False,
+        callbacks=callbacks,
+        plugins=[*(spec.get("plugins") or []), AtomicCheckpointIO()],
+        default_root_dir=str(run_dir),
+    )
 
 
 def write_hparams(logger, cfg: DictConfig) -> None:
@@ -119,73 +233,83 @@ def write_hparams(logger, cfg: DictConfig) -> None:
         writer.add_summary(summary)
 
 
+def write_metrics(run_dir: Path, metrics: dict) -> None:
+    """``metrics.json``: strict JSON (a non-finite value is ``null``), written atomically."""
+    atomic_write_json(run_dir / "metrics.json", metrics)
+
+
 def train(cfg: DictConfig, run_dir: str | Path) -> dict:
-    """Run one training job; returns the final metrics (also written to ``<run dir>/metrics.json``)."""
+    """Run one training job; returns the final metrics (also written to ``<run dir>/metrics.json``, with
+    ``"status": "ok"``). A non-finite loss or gradient norm raises :class:`Diverged` after writing ``metrics.json``
+    with ``"status": "diverged"``; the checkpoints already written are kept (none holds the diverged state)."""
+    cfg = expand_paths(cfg)
     validate(cfg)
+    check_devices(cfg)
     from quest_pl.quant import QuantConfig
 
     QuantConfig.validate(cfg.quant)
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    # Lightning prints through its own handler; Hydra's root handler would print every line a second time.
-    logging.getLogger("lightning.pytorch").propagate = False
     warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
     # Resuming with another checkpoint cadence is fine: the checkpoint callback has no state that matters.
     warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint need to be provided.*")
     run_dir = Path(run_dir)
     start = time.perf_counter()
+    if cfg.ckpt_path:
+        for key, (old, new) in check_resume(cfg, check_checkpoint(cfg.ckpt_path, mmap=True)).items():
+            log.warning("resuming with %s changed from %r to %r (resume.allow_changes)", key, old, new)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = build_datamodule(cfg)
     dm.prepare_data()
     dm.setup("fit")
     apply_token_budget(cfg, len(dm.train_tokens))  # trainer.tokens / scale.tokens_per_param -> trainer.max_steps
-    t = cfg.trainer
     module = build_module(cfg, dm.vocab_size)
     if cfg.ckpt_path:
         check_compatible(cfg.ckpt_path, module)
 
-    logger = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False)
-    trainer = L.Trainer(
-        max_steps=t.max_steps,
-        max_epochs=-1,
-        accelerator=t.accelerator,
-        devices=t.devices,
-        num_nodes=t.num_nodes,
-        strategy=t.strategy,
-        precision=resolve_precision(t.precision, t.accelerator),
-        log_every_n_steps=t.log_every_n_steps,
-        val_check_interval=min(t.val_check_interval, t.max_steps) * t.accumulate_grad_batches,
-        check_val_every_n_epoch=None,
-        accumulate_grad_batches=t.accumulate_grad_batches,
-        gradient_clip_val=t.gradient_clip_val,
-        enable_progress_bar=t.enable_progress_bar,
-        num_sanity_val_steps=0,
-        use_distributed_sampler=False,  # the data module shards by rank itself (deterministic per global step)
-        logger=logger if cfg.logger.tensorboard else False,
-        callbacks=build_callbacks(cfg, run_dir),
-        default_root_dir=str(run_dir),
-    )
-    if cfg.logger.tensorboard and trainer.is_global_zero:
-        write_hparams(logger, cfg)
+    loggers = build_loggers(cfg, run_dir)
+    from quest_pl.callbacks import SaveOnInterrupt
+
+    callbacks = build_callbacks(cfg, run_dir)
+    interrupt = next(c for c in callbacks if isinstance(c, SaveOnInterrupt))
+    trainer = build_trainer(cfg, run_dir, loggers, callbacks)
+    if trainer.is_global_zero:
+        for logger in loggers:
+            if isinstance(logger, TensorBoardLogger):
+                write_hparams(logger, cfg)
     if trainer.is_global_zero:
         dm.save_tokenizer(run_dir)  # <run dir>/tokenizer.json: a checkpoint is usable without the token cache
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    def summary(status: str) -> dict:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
+        metrics.update(
+            status=status,
+            step=trainer.global_step,
+            wall_s=time.perf_counter() - start,
+            rank=trainer.global_rank,
+            peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+            non_embedding_params=module.model.non_embedding_params(),
+        )
+        return metrics
+
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
-    except SIGTERMException:  # SaveOnInterrupt has written last.ckpt; exit as a terminated process does
-        raise SystemExit(128 + signal.SIGTERM) from None
-    if module.last_val_step != trainer.global_step:  # max_steps is not a multiple of val_check_interval
-        trainer.validate(module, datamodule=dm, verbose=False)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
-    metrics.update(
-        step=trainer.global_step,
-        wall_s=time.perf_counter() - start,
-        rank=trainer.global_rank,
-        peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-        non_embedding_params=module.model.non_embedding_params(),
-    )
+        if module.last_val_step != trainer.global_step:  # max_steps is not a multiple of val_check_interval
+            trainer.validate(module, datamodule=dm, verbose=False)
+    except SIGTERMException:  # SaveOnInterrupt has written last.ckpt; exit as a signalled process does
+        raise SystemExit(128 + (interrupt.requested or signal.SIGTERM)) from None
+    except SystemExit:  # a second Ctrl-C: Lightning exits with status 1
+        if interrupt.requested == signal.SIGINT:
+            raise SystemExit(128 + signal.SIGINT) from None
+        raise
+    except Diverged as e:
+        metrics = summary("diverged") | {"error": str(e), "diverged_step": e.step}
+        if trainer.is_global_zero:
+            write_metrics(run_dir, metrics)
+        raise
+    metrics = summary("ok")
     if trainer.is_global_zero:
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        write_metrics(run_dir, metrics)
     return metrics

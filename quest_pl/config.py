@@ -157,11 +157,26 @@ def validate(cfg: DictConfig) -> None:
         "a list of keys, e.g. [optim.lr]",
     )
     del allowed
+    validate_grad_comm(cfg)
     # checkpoint
     positive_int(cfg, "checkpoint.every_n_steps", optional=True)
     ckpt = check(cfg, "ckpt_path", lambda v: isinstance(v, str), "null or a path to a checkpoint", optional=True)
     if ckpt is not None:
         check_resume(cfg, check_checkpoint(os.path.expanduser(ckpt), mmap=True))
+
+
+def validate_grad_comm(cfg: DictConfig) -> None:
+    from quest_pl.comm import BITS, HOOKS
+
+    hook = check(cfg, "grad_comm.hook", lambda v: v in HOOKS, ", ".join(HOOKS))
+    check(cfg, "grad_comm.bits", lambda v: v in BITS, " or ".join(map(str, BITS)))
+    positive_int(cfg, "grad_comm.chunk")
+    check(cfg, "grad_comm.marina_p", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]")
+    if hook != "none" and cfg.trainer.strategy not in ("ddp", "ddp_spawn"):
+        raise ConfigError(
+            f"grad_comm.hook={hook}: a DDP communication hook; needs trainer.strategy=ddp or ddp_spawn "
+            f"(got {cfg.trainer.strategy})"
+        )
 
 
 def validate_quant(cfg: DictConfig) -> None:

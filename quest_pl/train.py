@@ -168,6 +168,11 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
             callbacks.append(hydra.utils.instantiate(spec))
         else:
             log.debug("callback %s has no _target_; skipped", name)
+    comm = cfg.grad_comm
+    if comm.hook != "none":
+        from quest_pl.callbacks.comm import GradientCommunication
+
+        callbacks.append(GradientCommunication(comm.hook, comm.bits, comm.chunk, comm.marina_p, seed=cfg.seed))
     return callbacks
 
 

@@ -25,4 +25,6 @@ class RankRecorder(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         scales = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items() if "_quant." in k}
-        torch.save({"logged": self.logged, "scales": scales}, f"{self.out}/rank{trainer.global_rank}.pt")
+        trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        out = {"logged": self.logged, "scales": scales, "trainable": trainable}
+        torch.save(out, f"{self.out}/rank{trainer.global_rank}.pt")

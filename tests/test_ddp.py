@@ -30,9 +30,12 @@ def train_recorded(run_dir, *overrides):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quant", ["quest_w4a4", "lsq_w4a4"])
-def test_diagnostics_and_learned_scales_agree_across_ranks(tmp_path, quant):
-    ranks = train_recorded(tmp_path, "experiment=smoke", f"quant={quant}", "trainer.max_steps=10", *DDP)
+@pytest.mark.parametrize(("quant", "comm"), [("quest_w4a4", "none"), ("lsq_w4a4", "correlated")])
+def test_diagnostics_and_learned_scales_agree_across_ranks(tmp_path, quant, comm):
+    """With the fp32 all-reduce, and with 4-bit correlated gradient exchange (every rank decodes the same mean)."""
+    ranks = train_recorded(
+        tmp_path, "experiment=smoke", f"quant={quant}", f"grad_comm.hook={comm}", "trainer.max_steps=10", *DDP
+    )
     logged = [dict((step, tuple(sorted(m.items()))) for step, m in r["logged"]) for r in ranks]
     assert logged[0], "the diagnostics logged nothing"
     assert logged[0] == logged[1]  # alignment, masked fractions (activations averaged over ranks), quant errors
@@ -42,6 +45,12 @@ def test_diagnostics_and_learned_scales_agree_across_ranks(tmp_path, quant):
         assert torch.equal(v, ranks[1]["scales"][k]), k
     # rank 0 alone writes the tables, once
     assert len(list(tmp_path.glob("mask_persistence*.csv"))) <= 1
+    if comm != "none":
+        from quest_pl import comm as comm_mod
+
+        sent = scalars(tmp_path, "comm/bytes_per_step")
+        expected = comm_mod.wire_bytes(ranks[0]["trainable"], 2, comm, bits=4)["sent"]
+        assert sent and all(v == pytest.approx(expected, rel=1e-6) for v in sent.values())
 
 
 @pytest.mark.slow

@@ -41,7 +41,7 @@ def sr_nvfp4(x: Tensor) -> Tensor:
     """Unbiased NVFP4 stochastic rounding of a 2-D fp32 tensor along its last dim (a multiple of 16)."""
     groups = x.unflatten(-1, (-1, NV_BLOCK))
     amax = groups.abs().amax(-1, keepdim=True)
-    g = tensor_scale(amax.amax() / E2M1_MAX, E4M3_MAX)
+    g = tensor_scale(amax.amax(), E2M1_MAX * E4M3_MAX)
     d = e4m3_up(amax / E2M1_MAX / g) * g
     safe = torch.where(d > 0, d, torch.ones_like(d))
     q = torch.where(d > 0, stochastic_round_e2m1(groups / safe) * safe, torch.zeros_like(groups))

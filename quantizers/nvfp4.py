@@ -43,14 +43,14 @@ class NVFP4(BlockFP4):
             return e4m3_nearest(target / tensor_scale(target.amax(), E4M3_MAX)) * tensor_scale(target.amax(), E4M3_MAX)
         amax = x32.abs().amax(dim=-1, keepdim=True)
         cap = FOUR_OVER_SIX_SCALE_CAP if self.scale_rule == "four_over_six" else E4M3_MAX
-        g = tensor_scale(amax.amax() / E2M1_MAX, cap)
+        g = tensor_scale(amax.amax(), E2M1_MAX * cap)
         return e4m3_nearest(amax / E2M1_MAX / g) * g
 
     def _quantize(self, x32: Tensor, rms: Tensor) -> QuantOutput:
         if self.scale_rule != "four_over_six":
             return super()._quantize(x32, rms)
         d6 = self.element_scale(x32, rms)
-        g = tensor_scale(x32.abs().amax() / E2M1_MAX, FOUR_OVER_SIX_SCALE_CAP)
+        g = tensor_scale(x32.abs().amax(), E2M1_MAX * FOUR_OVER_SIX_SCALE_CAP)
         d4 = e4m3_nearest(x32.abs().amax(dim=-1, keepdim=True) / 4 / g) * g
         q6, q4 = scaled_e2m1(x32, d6), scaled_e2m1(x32, d4)
         use4 = (q4 - x32).square().sum(-1, keepdim=True) < (q6 - x32).square().sum(-1, keepdim=True)

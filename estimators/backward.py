@@ -23,13 +23,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from quest_pl.quantizers import hadamard_transform
-from quest_pl.quantizers.e2m1 import E2M1_MAX, E4M3_MAX, e4m3_up, stochastic_round_e2m1
-from quest_pl.quantizers.nvfp4 import NV_BLOCK, NVFP4, tensor_scale
+from quest_pl.quantizers.e2m1 import E2M1_MAX, E4M3_MAX, e4m3_nearest, e4m3_up, scaled_e2m1, stochastic_round_e2m1
+from quest_pl.quantizers.nvfp4 import NV_BLOCK, tensor_scale
 
 BACKWARD_MODES = ("none", "sr", "rtn_rht")
 RHT_BLOCK = 128
-
-_RTN = NVFP4(scale_rule="absmax")
 
 
 def _pad_last(x: Tensor, multiple: int) -> Tensor:
@@ -37,26 +35,39 @@ def _pad_last(x: Tensor, multiple: int) -> Tensor:
     return F.pad(x, (0, pad)) if pad else x
 
 
-def sr_nvfp4(x: Tensor) -> Tensor:
-    """Unbiased NVFP4 stochastic rounding of a 2-D fp32 tensor along its last dim (a multiple of 16)."""
+def _groups_and_tensor_scale(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """x (..., rows, cols) as NVFP4 groups (..., rows, cols / 16, 16), their max |x|, and the fp32 tensor scale
+    G = max|x| / (6 * 448) per matrix (leading dims are independent tensors)."""
     groups = x.unflatten(-1, (-1, NV_BLOCK))
     amax = groups.abs().amax(-1, keepdim=True)
-    g = tensor_scale(amax.amax(), E2M1_MAX * E4M3_MAX)
+    return groups, amax, tensor_scale(amax.amax(dim=(-3, -2, -1), keepdim=True), E2M1_MAX * E4M3_MAX)
+
+
+def sr_nvfp4(x: Tensor) -> Tensor:
+    """Unbiased NVFP4 stochastic rounding of fp32 matrices (..., rows, cols) along cols (a multiple of 16)."""
+    groups, amax, g = _groups_and_tensor_scale(x)
     d = e4m3_up(amax / E2M1_MAX / g) * g
     safe = torch.where(d > 0, d, torch.ones_like(d))
     q = torch.where(d > 0, stochastic_round_e2m1(groups / safe) * safe, torch.zeros_like(groups))
     return q.flatten(-2)
 
 
+def rtn_nvfp4(x: Tensor) -> Tensor:
+    """NVFP4 round-to-nearest with absmax scales (the `nvfp4` grid's rule), per matrix of (..., rows, cols)."""
+    groups, amax, g = _groups_and_tensor_scale(x)
+    return scaled_e2m1(groups, e4m3_nearest(amax / E2M1_MAX / g) * g).flatten(-2)
+
+
 def rtn_rht_nvfp4(x: Tensor) -> Tensor:
-    """Random-Hadamard NVFP4 round-to-nearest of a 2-D fp32 tensor along its last dim (a multiple of 128)."""
-    signs = torch.randint(0, 2, (x.shape[-1],), device=x.device).float().mul_(2).sub_(1)
-    rotated = hadamard_transform(x * signs, RHT_BLOCK)
-    return hadamard_transform(_RTN(rotated), RHT_BLOCK) * signs
+    """Random-Hadamard NVFP4 round-to-nearest of fp32 matrices (..., rows, cols) along cols (a multiple of 128); one
+    random sign vector per matrix."""
+    signs = torch.randint(0, 2, (*x.shape[:-2], 1, x.shape[-1]), device=x.device).float().mul_(2).sub_(1)
+    return hadamard_transform(rtn_nvfp4(hadamard_transform(x * signs, RHT_BLOCK)), RHT_BLOCK) * signs
 
 
 def quantize_gradient(g: Tensor, mode: str) -> Tensor:
-    """Q(g) along the last dim of a 2-D gradient (fp32 out, same shape); `mode` in BACKWARD_MODES."""
+    """Q(g) along the last dim of a gradient matrix (rows, cols), or of a stack (..., rows, cols) of independent ones
+    (fp32 out, same shape); `mode` in BACKWARD_MODES."""
     if mode == "none":
         return g.float()
     cols = g.shape[-1]

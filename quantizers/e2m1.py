@@ -40,7 +40,7 @@ def _tables(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
 def round_e2m1(y: Tensor) -> Tensor:
     """Nearest E2M1 value, ties to even, saturating at +-6 (fp32 in, fp32 out)."""
     levels, midpoints, ties_up = _tables(y.device)
-    mag = y.abs().clamp_max(E2M1_MAX)
+    mag = y.abs().clamp_max(E2M1_MAX).contiguous()
     index = torch.bucketize(mag, midpoints)  # a value on a midpoint goes to the lower level ...
     index += torch.isin(mag, ties_up)  # ... unless the upper one is the even code
     return torch.copysign(levels[index], y)
@@ -49,7 +49,7 @@ def round_e2m1(y: Tensor) -> Tensor:
 def stochastic_round_e2m1(y: Tensor, uniform: Tensor | None = None) -> Tensor:
     """Unbiased stochastic rounding to E2M1 for |y| <= 6 (larger magnitudes saturate); `uniform` ~ U[0, 1) like y."""
     levels, _, _ = _tables(y.device)
-    mag = y.abs().clamp_max(E2M1_MAX)
+    mag = y.abs().clamp_max(E2M1_MAX).contiguous()
     lower = (torch.bucketize(mag, levels, right=True) - 1).clamp_(0, len(E2M1_MAGNITUDES) - 2)
     lo, hi = levels[lower], levels[lower + 1]
     u = torch.rand_like(mag) if uniform is None else uniform

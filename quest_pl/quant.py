@@ -338,3 +338,16 @@ def full_precision(model: nn.Module) -> Iterator[None]:
 def is_quantizer_param(name: str) -> bool:
     """Whether a parameter belongs to a quantizer (LSQ step, PACT clip) rather than to the model."""
     return any(marker in f".{name}" for marker in QUANT_PARAM_MARKERS)
+
+
+def bits_per_element(q, row_length: int) -> str:
+    """Storage bits per element including scales, per operand, from a ``quant`` config: ``"W4.25A4.25"`` (MXFP4),
+    ``"W16A16"`` in full precision. Per-row (per-group) scales count ``quantizers.base.SCALE_BITS`` over a row of
+    ``row_length`` elements (the group); MX/NV scales their own 8 bits per group (NVFP4's 32-bit tensor scale is not
+    counted: under 0.001 bits per element in any layer of the presets). (``Grid.bits_per_element``.)"""
+    cfg = QuantConfig.from_cfg(q, None)
+
+    def operand(spec: OperandSpec | None) -> str:
+        return "16" if spec is None else f"{spec.build_grid().bits_per_element(row_length):.4g}"
+
+    return "W16A16" if cfg is None else f"W{operand(cfg.weight)}A{operand(cfg.act)}"

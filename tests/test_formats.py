@@ -370,3 +370,27 @@ def test_quantized_model_trains_with_block_formats(grid):
     assert grads and all(torch.isfinite(g).all() for g in grads)
     with torch.no_grad(), full_precision(model):
         assert torch.isfinite(model(idx)).all()
+
+
+def test_format_ablation_arms_and_bits_per_element():
+    from omegaconf import OmegaConf
+
+    from quest_pl.quant import bits_per_element
+    from tests.test_experiments import compose_hydra, sweep_arms
+
+    arms = sweep_arms("format_ablation")
+    assert arms == ["bf16", "quest_w4a4", "int4_g32", "mxfp4", "nvfp4", "nvfp4_4over6", "nvfp4_4over6_bwd_sr"]
+    seen = {}
+    for arm in arms:
+        q = OmegaConf.to_container(compose_hydra("experiment=format_ablation", f"quant={arm}").quant, resolve=True)
+        seen[arm] = (q["grid"], q["group_size"], q["scale_rule"], q["backward"], bits_per_element(q, 128))
+        assert arm == "bf16" or (q["estimator"], q["hadamard"]) == ("trust", True)
+    assert seen == {
+        "bf16": (None, None, None, "none", "W16A16"),
+        "quest_w4a4": ("gaussian_mse", None, None, "none", "W4.125A4.125"),
+        "int4_g32": ("gaussian_mse", 32, None, "none", "W4.5A4.5"),
+        "mxfp4": ("mxfp4", None, "absmax", "none", "W4.25A4.25"),
+        "nvfp4": ("nvfp4", None, "absmax", "none", "W4.5A4.5"),
+        "nvfp4_4over6": ("nvfp4", None, "four_over_six", "none", "W4.5A4.5"),
+        "nvfp4_4over6_bwd_sr": ("nvfp4", None, "four_over_six", "sr", "W4.5A4.5"),
+    }

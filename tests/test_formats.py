@@ -284,6 +284,8 @@ def test_grid_errors():
         quantizers.build("nvfp4", scale_rule="six")
     with pytest.raises(ValueError, match="no option scale_rule"):
         quantizers.build("gaussian_mse", bits=4, scale_rule="absmax")
+    with pytest.raises(ValueError, match="not per group"):
+        quantizers.build("gaussian_mse", bits=4, group_size=32).quantize_with_scale(torch.randn(2, 64), torch.ones(1))
     with pytest.raises(ValueError, match="does not divide"):
         quantizers.build("fp4", group_size=32)(torch.randn(2, 48))
 

@@ -57,7 +57,8 @@ def stochastic_round_e2m1(y: Tensor, uniform: Tensor | None = None) -> Tensor:
 
 
 def e8m0_floor(v: Tensor) -> Tensor:
-    """2^floor(log2 v) for v > 0 (exactly, via frexp), clamped to the E8M0 range; 2^-127 for v = 0."""
+    """2^floor(log2 v) for v > 0 (exactly, via frexp), clamped to the E8M0 range; 1/2 for v = 0 (an all-zero group,
+    whose elements are 0 whatever the scale)."""
     _, exponent = torch.frexp(v)  # v = m 2^e, m in [0.5, 1)
     return torch.ldexp(torch.ones_like(v), (exponent - 1).clamp_(E8M0_MIN_EXP, E8M0_MAX_EXP))
 

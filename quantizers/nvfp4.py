@@ -40,7 +40,8 @@ class NVFP4(BlockFP4):
     def element_scale(self, x32: Tensor, rms: Tensor) -> Tensor:
         if self.scale_rule == "gaussian":
             target = FP4_SCALE * safe_rms(rms)
-            return e4m3_nearest(target / tensor_scale(target.amax(), E4M3_MAX)) * tensor_scale(target.amax(), E4M3_MAX)
+            g = tensor_scale(target.amax(), E4M3_MAX)
+            return e4m3_nearest(target / g) * g
         amax = x32.abs().amax(dim=-1, keepdim=True)
         cap = FOUR_OVER_SIX_SCALE_CAP if self.scale_rule == "four_over_six" else E4M3_MAX
         g = tensor_scale(amax.amax(), E2M1_MAX * cap)

@@ -396,3 +396,17 @@ def test_format_ablation_arms_and_bits_per_element():
         "nvfp4_4over6": ("nvfp4", None, "four_over_six", "none", "W4.5A4.5"),
         "nvfp4_4over6_bwd_sr": ("nvfp4", None, "four_over_six", "sr", "W4.5A4.5"),
     }
+
+
+def test_extra_format_config_builds():
+    from quest_pl.quant import QuantConfig
+
+    cfg = QuantConfig.from_cfg(quant_cfg(), None)  # quest_w4a4 as a control
+    assert cfg.weight.build_grid().group_size is None
+    from omegaconf import OmegaConf
+
+    from quest_pl.config import compose
+
+    q = OmegaConf.to_container(compose("quant=mxfp4_quartet").quant, resolve=True)
+    grid = QuantConfig.from_cfg(q, None).weight.build_grid()
+    assert (grid.name, grid.scale_rule, grid.group_size) == ("mxfp4", "gaussian", 32)

@@ -5,13 +5,14 @@ gradient backward. `e.record_mask = True` stores `e.last_mask` (True where the g
 `e.expected_masked_fraction()` gives the N(0,1) reference for it.
 """
 
-from quest_pl.estimators import clip, identity, lsq, pact, ste, trust
+from quest_pl.estimators import backward, clip, identity, lsq, pact, ste, trust
 from quest_pl.estimators.base import ESTIMATORS, Estimator, MaskedStraightThrough, build, register_estimator
 
 __all__ = [
     "ESTIMATORS",
     "Estimator",
     "MaskedStraightThrough",
+    "backward",
     "build",
     "clip",
     "identity",

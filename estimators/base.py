@@ -60,11 +60,12 @@ class Estimator(nn.Module):
         needs_grad = torch.is_grad_enabled() and x.requires_grad
         with torch.no_grad():
             x32 = x.float()
-            out = self.quantizer.quantize(x32)
-            mask = self.pass_mask(x32, out) if needs_grad or self.record_mask else None
+            out = self.quantizer.quantize(x32)  # in the grid's rows: per row, or (..., d // g, g) per group
+            mask = self.pass_mask(self.quantizer.rows(x32), out) if needs_grad or self.record_mask else None
+            mask = None if mask is None else mask.reshape(x.shape)
         if self.record_mask:
             self.last_mask = torch.ones_like(x, dtype=torch.bool) if mask is None else mask
-        values = out.values.to(x.dtype)
+        values = out.values.reshape(x.shape).to(x.dtype)
         return MaskedStraightThrough.apply(x, values, mask) if needs_grad else values
 
 

@@ -27,6 +27,6 @@ class Clip(Estimator):
     def expected_masked_fraction(self) -> float | None:
         """P(|z| > c * s/sigma) on N(0,1). Absmax grids: 0 for c >= 1 (nothing exceeds the row max), else None."""
         if self.quantizer.clip_level is None:
-            return 0.0 if self.clip_scale >= 1 else None
+            return 0.0 if self.clip_scale >= 1 and self.quantizer.absmax_covers_row else None
         threshold = self.clip_scale * self.quantizer.clip_level
         return self.quantizer.gaussian_expectation(lambda z, q: z.abs() > threshold, (-threshold, threshold))

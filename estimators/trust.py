@@ -32,6 +32,6 @@ class Trust(Estimator):
         """P(|q(z) - z| > tau) on N(0,1). Absmax grids: 0 with the default half-step rule, else None."""
         tau = self.quantizer.default_trust if self.trust is None else self.trust
         if self.quantizer.levels is None:
-            return 0.0 if self.trust is None else None
+            return 0.0 if self.trust is None and self.quantizer.absmax_covers_row else None
         jumps = [level + sign * tau for level in self.quantizer.levels.tolist() for sign in (-1, 1)]
         return self.quantizer.gaussian_expectation(lambda z, q: (q - z).abs() > tau, [*jumps, -tau, tau])

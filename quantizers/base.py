@@ -4,6 +4,15 @@ A grid maps each row (the last dimension) to dequantized values with one scale p
 weight, per token for an activation (METHOD.md §0). Arithmetic is fp32 whatever the input dtype (METHOD.md
 §7.12); the module call returns the input dtype. Grids carry no gradient rule: wrap one in an estimator
 (`estimators.build`).
+
+Group scales. With `group_size = g` (`build(name, bits, group_size=g)`) every grid quantizes each run of g consecutive
+elements of a row as its own row: the scale rule (RMS x constant, absmax, ...) and the trust threshold then act per
+group. `Grid.rows(x)` is that view, shape (..., d // g, g); `quantize` returns its `QuantOutput` in it, `forward`
+returns x's shape. Block-scaled formats (MXFP4 g = 32, NVFP4 g = 16) set their group size by their spec.
+
+Hadamard and groups. g and the Hadamard block B are powers of two, so groups and blocks nest: for g <= B each group
+lies inside one block (the rotation mixes the B inputs of its block into every group of it), for g > B a group spans
+g / B whole blocks. Both are exact and allowed; the usual choice (Quartet) is B = g or B = 128 >= g.
 """
 
 from __future__ import annotations
@@ -25,8 +34,9 @@ every row with sigma >= 1e-30 is quantized scale-equivariantly (unlike the autho
 class QuantOutput(NamedTuple):
     """Result of `Grid.quantize`, all fp32.
 
-    values: dequantized values, shape of x. rms: per-row sigma = sqrt(mean(x^2)) over the last dim, shape (..., 1),
-    no eps. scale: per-row clip level s (outermost level magnitude), shape (..., 1).
+    values: dequantized values, shape of `Grid.rows(x)` (x's shape without group scales). rms: per-row (per-group)
+    sigma = sqrt(mean(x^2)) over the last dim, shape (..., 1), no eps. scale: per-row (per-group) clip level s
+    (outermost level magnitude), shape (..., 1).
     """
 
     values: Tensor
@@ -44,8 +54,16 @@ def safe_rms(rms: Tensor) -> Tensor:
     return rms.clamp_min(RMS_EPS)
 
 
+GROUP_SIZES = (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+"""Allowed group sizes: powers of two, so that groups and Hadamard blocks nest (module docstring)."""
+
+SCALE_BITS = 16
+"""Storage assumed for a per-row or per-group scale of the grids without a scale format of their own (a bf16/fp16
+scale, as INT4 group formats store it); used by `bits_per_element` only."""
+
+
 class Grid(nn.Module):
-    """A stateless per-row quantization grid.
+    """A stateless per-row (or per-group, see the module docstring) quantization grid.
 
     Subclasses set `allowed_bits` (and `default_bits` if bits may be omitted), implement `_quantize(x32, rms)`, and
     set in `__init__`: `levels` (sorted float64 levels in sigma units, None for absmax grids), `clip_level` (s/sigma,
@@ -56,6 +74,13 @@ class Grid(nn.Module):
     allowed_bits: ClassVar[tuple] = ()
     default_bits: ClassVar[float | None] = None
     supports_learned_scale: ClassVar[bool] = False
+    absmax_covers_row: ClassVar[bool] = True
+    """For grids without `levels`: True when the clip level s is never below the row's max |x| (nothing is clipped,
+    so the default trust rule and clip with c >= 1 mask nothing). Block formats with rounded scales set False."""
+    options: ClassVar[tuple[str, ...]] = ()
+    """Keyword options of `__init__` beyond bits (e.g. NVFP4's `scale_rule`)."""
+    fixed_group_size: ClassVar[int | None] = None
+    """Group size fixed by a format's spec (MXFP4: 32, NVFP4: 16); None: per row unless `group_size` is set."""
 
     levels: Tensor | None
     clip_level: float | None
@@ -64,6 +89,33 @@ class Grid(nn.Module):
     def __init__(self, bits: float | None = None) -> None:
         super().__init__()
         self.bits = self._check_bits(bits)
+        self.group_size: int | None = self.fixed_group_size
+
+    def set_group_size(self, group_size: int | None) -> None:
+        """One scale per `group_size` consecutive elements of a row (None: per row). ValueError if not allowed."""
+        if group_size is None:
+            return
+        if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
+            sizes = ", ".join(str(g) for g in GROUP_SIZES)
+            raise ValueError(f"group_size={group_size!r} is not allowed; expected null (per row) or one of {sizes}")
+        if self.fixed_group_size is not None and group_size != self.fixed_group_size:
+            raise ValueError(
+                f"grid {self.name!r} has groups of {self.fixed_group_size} by its spec, not group_size={group_size}"
+            )
+        self.group_size = group_size
+
+    def rows(self, x: Tensor) -> Tensor:
+        """The rows the scales act on: x itself, or the view (..., d // g, g) with group scales."""
+        g = self.group_size
+        if g is None:
+            return x
+        if x.shape[-1] % g:
+            raise ValueError(f"grid {self.name!r}: group_size={g} does not divide the last dimension {x.shape[-1]}")
+        return x.unflatten(-1, (x.shape[-1] // g, g))
+
+    def bits_per_element(self, row_length: int, numel: int | None = None) -> float:
+        """Storage bits per element including scales: element bits + SCALE_BITS per row or per group."""
+        return float(self.bits) + SCALE_BITS / (self.group_size or row_length)
 
     @classmethod
     def _check_bits(cls, bits: float | None) -> float:
@@ -74,15 +126,15 @@ class Grid(nn.Module):
         return next(b for b in cls.allowed_bits if b == bits)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}"
+        return f"bits={self.bits}" + (f", group_size={self.group_size}" if self.group_size else "")
 
     def forward(self, x: Tensor) -> Tensor:
-        """Dequantized values in x's dtype (no gradient rule; see `estimators`)."""
-        return self.quantize(x).values.to(x.dtype)
+        """Dequantized values in x's shape and dtype (no gradient rule; see `estimators`)."""
+        return self.quantize(x).values.reshape(x.shape).to(x.dtype)
 
     def quantize(self, x: Tensor) -> QuantOutput:
-        """Quantize each row of x (last dim) in fp32; see `QuantOutput`."""
-        x32 = x.float()
+        """Quantize each row of `self.rows(x)` (per row, or per group) in fp32; see `QuantOutput`."""
+        x32 = self.rows(x.float())
         return self._quantize(x32, row_rms(x32))
 
     def _quantize(self, x32: Tensor, rms: Tensor) -> QuantOutput:
@@ -118,8 +170,9 @@ class Grid(nn.Module):
         """E[fn(z, q(z))] for z ~ N(0,1) (numerical, float64); None for absmax grids (depends on the row length).
 
         `breakpoints` are extra points where fn jumps (e.g. trust thresholds), so quadrature pieces never straddle one.
+        None with group scales too: this is the large-row limit (sigma = 1 exactly), which a group of g does not reach.
         """
-        if self.levels is None:
+        if self.levels is None or self.group_size is not None:
             return None
         points = [*self.decision_boundaries.tolist(), *breakpoints]
         return gaussian_expectation(self._theory_integrand(fn), points)
@@ -150,8 +203,13 @@ def register_grid(name: str):
     return decorate
 
 
-def build(name: str, bits: float | None = None, **kwargs) -> Grid:
-    """Build the grid registered as `name` (ValueError for an unknown name or unsupported bits)."""
+def build(name: str, bits: float | None = None, group_size: int | None = None, **kwargs) -> Grid:
+    """Build the grid registered as `name`, per row or with one scale per `group_size` elements (ValueError for an
+    unknown name, unsupported bits or group size, or a keyword the grid does not take)."""
     if name not in GRIDS:
         raise ValueError(f"unknown grid {name!r}; registered grids: {', '.join(sorted(GRIDS))}")
-    return GRIDS[name](bits=bits, **kwargs)
+    if kwargs and not set(kwargs) <= set(GRIDS[name].options):
+        raise ValueError(f"grid {name!r} takes no option {', '.join(sorted(set(kwargs) - set(GRIDS[name].options)))}")
+    grid = GRIDS[name](bits=bits, **kwargs)
+    grid.set_group_size(group_size)
+    return grid

@@ -50,6 +50,8 @@ class IntGrid(Grid):
 
     def quantize_with_scale(self, x: Tensor, scale: Tensor) -> QuantOutput:
         """Same grid with a given clip level s (broadcastable to (..., 1), e.g. a learned (1,) step), METHOD.md §1.9."""
+        if self.group_size is not None:
+            raise ValueError(f"grid {self.name!r}: an external (learned) scale is per tensor or per row, not per group")
         x32 = x.float()
         rms = row_rms(x32)
         scale = scale.float().expand_as(rms)

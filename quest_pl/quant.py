@@ -10,7 +10,11 @@ before its quantizer: ``half`` multiplies in the rotated basis, ``y = Qa(x H) Qw
 after quantizing, ``y = (Qa(x H) H) (Qw(W H) H)^T``. With both operands quantized the two are equal (H H = I); masks
 live in the rotated basis and gradients flow back through H. As in the authors' code the rotation belongs to the
 quantizer, so a weight-only ``half`` run computes ``y = x Qw(W H)^T``: a fixed orthogonal re-parametrisation of the
-latent weight that needs no Hadamard at inference (the paper's W*A16 runs).
+latent weight that needs no Hadamard at inference (the paper's W*A16 runs). ``quant.hadamard_block`` (16-128) sets
+the block; group scales (``quant.group_size``, and the MXFP4/NVFP4 grids) nest with it (``quantizers.base``).
+
+``quant.backward`` = ``sr`` | ``rtn_rht`` quantizes the output gradient entering both backward GEMMs to NVFP4
+(``estimators.backward``); ``none`` keeps the full-precision backward.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from torch import nn
 
 from quest_pl import estimators, quantizers
 from quest_pl.config import ConfigError
+from quest_pl.estimators.backward import BACKWARD_MODES, quantized_backward_linear
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +48,16 @@ class OperandSpec:
     bits: float | None
     estimator: str
     options: dict = field(default_factory=dict)  # estimator keyword arguments (trust, clip_scale, per_row, ...)
+    grid_options: dict = field(default_factory=dict)  # grid keyword arguments (group_size, scale_rule)
+
+    def build_grid(self) -> quantizers.Grid:
+        return quantizers.build(self.grid, bits=self.bits, **self.grid_options)
 
     def build(self, rows: int | None = None) -> nn.Module:
         kw = dict(self.options)
         if self.estimator == "lsq" and kw.get("per_row"):
             kw["rows"] = rows
-        return estimators.build(self.estimator, quantizer=quantizers.build(self.grid, bits=self.bits), **kw)
+        return estimators.build(self.estimator, quantizer=self.build_grid(), **kw)
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,8 @@ class QuantConfig:
     hadamard: str | None  # None, "half" or "full"
     kernel: str = "auto"
     matmul: str = "auto"  # forward GEMM of a W·A layer: int8 (integer codes, METHOD.md §5), bf16, or auto
+    hadamard_block: int = quantizers.HADAMARD_BLOCK
+    backward: str = "none"  # "none" | "sr" | "rtn_rht" (estimators.backward)
 
     def __post_init__(self) -> None:
         """Checks for a config built directly in Python (``from_cfg`` and ``make`` build valid ones)."""
@@ -146,6 +157,14 @@ class QuantConfig:
             raise ConfigError(f"quant.hadamard_mode={mode!r}: expected one of {', '.join(HADAMARD_MODES)}")
         if not isinstance(get("hadamard", False), bool):
             raise ConfigError(f"quant.hadamard={get('hadamard')!r}: expected true or false")
+        block = get("hadamard_block", quantizers.HADAMARD_BLOCK)
+        if block not in quantizers.HADAMARD_BLOCKS or isinstance(block, bool):
+            blocks = ", ".join(map(str, quantizers.HADAMARD_BLOCKS))
+            raise ConfigError(f"quant.hadamard_block={block!r}: expected one of {blocks}")
+        backward = get("backward", "none")
+        if backward not in BACKWARD_MODES:
+            raise ConfigError(f"quant.backward={backward!r}: expected one of {', '.join(BACKWARD_MODES)}")
+        grid_options = {k: get(k) for k in ("group_size", "scale_rule") if get(k) is not None}
         specs = {}
         for op in ("w", "a"):
             bits = get(f"{op}_bits", get("bits"))
@@ -173,6 +192,15 @@ class QuantConfig:
             except ValueError as e:
                 key = "quant.bits" if bits == get("bits") else f"quant.{op}_bits"
                 raise ConfigError(f"{key}={bits!r} with quant.grid={grid!r}, quant.estimator={est!r}: {e}") from None
+            if grid_options:
+                spec = OperandSpec(grid, bits, est, options, grid_options)
+                keys = ", ".join(f"quant.{k}={v!r}" for k, v in grid_options.items())
+                if est in ("lsq", "pact") and "group_size" in grid_options:
+                    raise ConfigError(f"{keys}: the learned-scale estimator {est!r} has no group scales")
+                try:
+                    spec.build(rows=1)
+                except ValueError as e:
+                    raise ConfigError(f"{keys} with quant.grid={grid!r}: {e}") from None
             specs[op] = spec
         if specs["w"] is None and specs["a"] is None:
             return None
@@ -186,20 +214,24 @@ class QuantConfig:
                 raise ConfigError(f"quant.matmul=int8: {reason}; use quant.matmul=auto or bf16")
         if kernel == "triton":
             for op, spec in specs.items():
-                reason = spec and kernel_unsupported(spec, quantizers.HADAMARD_BLOCK, hadamard is not None)
+                reason = spec and kernel_unsupported(spec, quantizers.HADAMARD_BLOCK, hadamard is not None, block)
                 if reason:
                     raise ConfigError(
                         f"quant.kernel=triton: the {'weight' if op == 'w' else 'activation'} "
                         f"quantizer has no kernel ({reason}); use quant.kernel=auto or torch"
                     )
         if hadamard and model_cfg is not None:
-            block = quantizers.HADAMARD_BLOCK
             for key, width in (("model.d_model", model_cfg.d_model), ("SwiGLU hidden size", model_cfg.ffn_hidden)):
                 if width % block:
                     raise ConfigError(
                         f"quant.hadamard=true: {key} = {width} is not a multiple of {block} "
                         f"(the Hadamard block size); choose a width divisible by {block}"
                     )
+        group = max((spec.build_grid().group_size or 0) for spec in specs.values() if spec)
+        if group and model_cfg is not None:
+            for key, width in (("model.d_model", model_cfg.d_model), ("SwiGLU hidden size", model_cfg.ffn_hidden)):
+                if width % group:
+                    raise ConfigError(f"quant.group_size: {key} = {width} is not a multiple of the group size {group}")
         return cls(
             name=get("name", "quant"),
             weight=specs["w"],
@@ -207,6 +239,8 @@ class QuantConfig:
             hadamard=hadamard,
             kernel=kernel,
             matmul=matmul,
+            hadamard_block=block,
+            backward=backward,
         )
 
 
@@ -244,11 +278,15 @@ class QuantLinear(nn.Linear):
         hadamard: str | None = None,
         device=None,
         dtype=None,
+        hadamard_block: int = quantizers.HADAMARD_BLOCK,
+        backward: str = "none",
     ):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.weight_quant = weight_quant
         self.act_quant = act_quant
         self.hadamard = hadamard
+        self.hadamard_block = hadamard_block
+        self.backward = backward
         self.enabled = True
         # Per operand: keyword arguments for kernels.quest_quantize when the fused Triton path serves it on CUDA
         # (set by quantize_model from quant.kernel), or None for the PyTorch path.
@@ -260,7 +298,9 @@ class QuantLinear(nn.Linear):
         self._frozen_weight_codes = None  # (key, codes, scales): inference reuses the weight's codes
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", hadamard={self.hadamard}"
+        extra = f", hadamard_block={self.hadamard_block}" if self.hadamard and self.hadamard_block != 128 else ""
+        extra += f", backward={self.backward}" if self.backward != "none" else ""
+        return super().extra_repr() + f", hadamard={self.hadamard}" + extra
 
     def _quantize(self, t: torch.Tensor, quant: nn.Module | None, operand: str) -> torch.Tensor:
         if quant is None:
@@ -276,9 +316,10 @@ class QuantLinear(nn.Linear):
         if self.hadamard is None:
             return quant(t)
         # Rotate in fp32 so a bf16 activation is not rounded between the Hadamard and the grid (METHOD.md §7.12).
-        q = quant(quantizers.hadamard_transform(t.to(torch.promote_types(t.dtype, torch.float32))))
+        block = self.hadamard_block
+        q = quant(quantizers.hadamard_transform(t.to(torch.promote_types(t.dtype, torch.float32)), block))
         if self.hadamard == "full":
-            q = quantizers.hadamard_transform(q)
+            q = quantizers.hadamard_transform(q, block)
         return q.to(t.dtype)
 
     def _rotate(self, t: torch.Tensor, quant: nn.Module | None) -> torch.Tensor:
@@ -286,7 +327,7 @@ class QuantLinear(nn.Linear):
         rotated, so a disabled weight-only half layer is ``x (W H)^T``, the same function of the latent weight."""
         if quant is None or self.hadamard != "half" or (self.act_quant is not None and self.weight_quant is not None):
             return t  # full form, or both operands rotated: H H^T = I cancels
-        return quantizers.hadamard_transform(t)
+        return quantizers.hadamard_transform(t, self.hadamard_block)
 
     def _uses_int8(self, x: torch.Tensor) -> bool:
         """Whether this call runs the INT8 forward (METHOD.md §5): both operands on the fused kernels, no mask
@@ -319,7 +360,10 @@ class QuantLinear(nn.Linear):
         if self._uses_int8(x):
             return self._int8_forward(x)
         x = self._quantize(x, self.act_quant, "act")
-        return F.linear(x, self._quantize(self.weight, self.weight_quant, "weight"), self.bias)
+        weight = self._quantize(self.weight, self.weight_quant, "weight")
+        if self.backward != "none":
+            return quantized_backward_linear(x, weight, self.bias, self.backward)
+        return F.linear(x, weight, self.bias)
 
 
 HEAD_NAMES = ("lm_head", "output", "head", "classifier", "score", "embed_out")
@@ -371,7 +415,7 @@ def quantize_(
             return name not in heads
 
     chosen = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and filter_fn(m, n)]
-    block = quantizers.HADAMARD_BLOCK
+    block = config.hadamard_block
     for name, module in chosen:
         if config.hadamard and module.in_features % block:
             raise ConfigError(
@@ -389,6 +433,8 @@ def quantize_(
             hadamard=config.hadamard,
             device=module.weight.device,
             dtype=module.weight.dtype,
+            hadamard_block=config.hadamard_block,
+            backward=config.backward,
         )
         q.kernel_mode = config.kernel
         q.kernel_args = {
@@ -424,9 +470,16 @@ def _resolve_matmul(cfg: QuantConfig, kernel_args: dict) -> str:
     return "int8" if cuda_int8_available() else "bf16"
 
 
-def kernel_unsupported(spec: OperandSpec | None, width: int, hadamard: bool) -> str | None:
+def kernel_unsupported(
+    spec: OperandSpec | None, width: int, hadamard: bool, hadamard_block: int = quantizers.HADAMARD_BLOCK
+) -> str | None:
     """Why the fused Triton kernel cannot serve this operand here (``kernels.is_supported``), or None if it can."""
     from quest_pl import kernels
+
+    if spec.build_grid().group_size is not None:
+        return "group scales (quant.group_size, mxfp4, nvfp4) are not in the fused kernel"
+    if hadamard and hadamard_block != quantizers.HADAMARD_BLOCK:
+        return f"the fused kernel's Hadamard block is {quantizers.HADAMARD_BLOCK}, not {hadamard_block}"
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ok, reason = kernels.is_supported(spec.grid, spec.bits, spec.estimator, width, device, hadamard=hadamard)
@@ -436,7 +489,7 @@ def kernel_unsupported(spec: OperandSpec | None, width: int, hadamard: bool) -> 
 def _kernel_args(cfg: QuantConfig, spec: OperandSpec | None, width: int) -> dict | None:
     if spec is None or cfg.kernel == "torch":
         return None
-    reason = kernel_unsupported(spec, width, cfg.hadamard is not None)
+    reason = kernel_unsupported(spec, width, cfg.hadamard is not None, cfg.hadamard_block)
     if reason:
         if cfg.kernel == "triton":  # from_cfg checked the grid; a layer width can still be unsupported
             raise ConfigError(f"quant.kernel=triton: {reason}")
@@ -482,3 +535,16 @@ def full_precision(model: nn.Module) -> Iterator[None]:
 def is_quantizer_param(name: str) -> bool:
     """Whether a parameter belongs to a quantizer (LSQ step, PACT clip) rather than to the model."""
     return any(marker in f".{name}" for marker in QUANT_PARAM_MARKERS)
+
+
+def bits_per_element(q, row_length: int) -> str:
+    """Storage bits per element including scales, per operand, from a ``quant`` config: ``"W4.25A4.25"`` (MXFP4),
+    ``"W16A16"`` in full precision. Per-row (per-group) scales count ``quantizers.base.SCALE_BITS`` over a row of
+    ``row_length`` elements (the group); MX/NV scales their own 8 bits per group (NVFP4's 32-bit tensor scale is not
+    counted: under 0.001 bits per element in any layer of the presets). (``Grid.bits_per_element``.)"""
+    cfg = QuantConfig.from_cfg(q, None)
+
+    def operand(spec: OperandSpec | None) -> str:
+        return "16" if spec is None else f"{spec.build_grid().bits_per_element(row_length):.4g}"
+
+    return "W16A16" if cfg is None else f"W{operand(cfg.weight)}A{operand(cfg.act)}"

@@ -40,6 +40,7 @@ COLUMNS = (
     "method",
     "grid",
     "bits",
+    "bits_per_elem",
     "estimator",
     "hadamard",
     "val_loss",
@@ -132,6 +133,16 @@ def describe_quant(q: dict) -> dict:
     return {"method": "QAT", "grid": per_operand("grid"), "bits": bits, "estimator": estimator, "hadamard": hadamard}
 
 
+def _bits_per_element(job_dir: Path, quant: dict) -> str | None:
+    """Storage bits per element including scales (:func:`quest_pl.quant.bits_per_element`, rows of model.d_model)."""
+    from quest_pl.quant import bits_per_element
+
+    try:
+        return bits_per_element(quant, OmegaConf.load(job_dir / ".hydra" / "config.yaml").model.d_model)
+    except Exception:  # a job from an older version, or an unreadable config: leave the cell empty
+        return None
+
+
 def _layer_key(tag_layer: str) -> tuple:
     m = re.match(r"(?:.*\.)?blocks\.(\d+)\.(.+)$", tag_layer)
     if not m:
@@ -155,6 +166,7 @@ def collect(sweep_dir: Path) -> list[dict]:
         scalars = read_scalars(job)
         quant = load_quant(job)
         row = {"arm": arm_name(job), **describe_quant(quant)}
+        row["bits_per_elem"] = _bits_per_element(job, quant)
         row["val_loss"] = metrics.get("val/loss")
         row["val_ppl"] = metrics.get("val/ppl")
         if row["method"] == "BF16":  # its "quantized" and full-precision gradients are the same: nothing to show
@@ -228,7 +240,8 @@ def write_markdown(rows: list[dict], path: Path, sweep_dir: Path) -> None:
         "",
         markdown_table(rows),
         "",
-        "val_loss: final validation loss (nats/token); delta_bf16: minus the BF16 arm's; align_mean / align_block0: "
+        "val_loss: final validation loss (nats/token); bits_per_elem: storage bits per element including scales "
+        "(per-row scales over rows of d_model, 16-bit); delta_bf16: minus the BF16 arm's; align_mean / align_block0: "
         "mean cosine of quantized vs full-precision gradient (whole model / lowest block); mask_frac: mean fraction "
         "of masked gradient entries; ptq_* rows: data-free post-training quantization of the BF16 arm's checkpoint.",
         # aqlm_* rows (quest_pl.ptq.sweep_configs): say they are calibrated, unlike the ptq_* rows

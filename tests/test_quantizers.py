@@ -237,6 +237,15 @@ def test_unknown_grid_lists_registry():
 
 
 def test_registry_and_absmax_theory():
-    assert set(quantizers.GRIDS) == {"uniform", "gaussian_mse", "lloyd_max", "fp4", "int_sparse24", "ternary"}
+    assert set(quantizers.GRIDS) == {
+        "uniform",
+        "gaussian_mse",
+        "lloyd_max",
+        "fp4",
+        "int_sparse24",
+        "ternary",
+        "mxfp4",
+        "nvfp4",
+    }
     uniform = quantizers.build("uniform", bits=4)
     assert uniform.levels is None and uniform.clip_level is None and uniform.gaussian_mse is None

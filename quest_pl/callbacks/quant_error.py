@@ -22,7 +22,7 @@ from quest_pl.callbacks.base import Diagnostic, all_reduce_mean, diagnosed_layer
 @torch.no_grad()
 def squared_errors(layer, estimator, x: Tensor) -> Tensor:
     """[||Q(t) - t||^2, ||t||^2] (fp32, on x's device), t = x rotated as the layer rotates it."""
-    t = quantizers.hadamard_transform(x.float()) if layer.hadamard is not None else x
+    t = quantizers.hadamard_transform(x.float(), layer.hadamard_block) if layer.hadamard is not None else x
     t32 = t.float()
     return torch.stack(((estimator(t).float() - t32).square().sum(), t32.square().sum()))
 

@@ -22,7 +22,7 @@ from quest_pl.config import (
     expand_paths,
     validate,
 )
-from quest_pl.io import TMP_PREFIX, atomic_path, atomic_write_json
+from quest_pl.io import TMP_PREFIX, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -93,25 +93,6 @@ def check_compatible(ckpt_path: str, module) -> None:
             )
 
 
-class AtomicCheckpointIO:
-    """Lightning's ``TorchCheckpointIO`` writing through :func:`quest_pl.io.atomic_path`: the temporary file is in the
-    checkpoint's own directory (never ``$TMPDIR``), fsynced, then renamed over the old file, so a kill or a full disk
-    leaves the previous checkpoint intact whatever filesystem the run dir is on. Created lazily (Lightning import)."""
-
-    def __new__(cls):
-        from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
-        from lightning.pytorch.plugins.io import TorchCheckpointIO
-
-        class _AtomicCheckpointIO(TorchCheckpointIO):
-            def save_checkpoint(self, checkpoint, path, storage_options=None):
-                if storage_options is not None or not _is_local_file_protocol(path):
-                    return super().save_checkpoint(checkpoint, path, storage_options)
-                with atomic_path(path) as tmp:
-                    torch.save(checkpoint, tmp)
-
-        return _AtomicCheckpointIO()
-
-
 def remove_stale_temp_files(directory: Path) -> None:
     """Temporary files a killed save left beside the checkpoints (``quest_pl.io`` names them ``.tmp-*``)."""
     for tmp in directory.glob(f"{TMP_PREFIX}*") if directory.is_dir() else []:
@@ -119,25 +100,14 @@ def remove_stale_temp_files(directory: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-class SaveRunConfig:
-    """Stores the composed config's training groups in every checkpoint (``quest_pl_config``, plain types:
-    ``weights_only`` loads it), so a resume can be compared with what the checkpoint was trained with
-    (:func:`quest_pl.config.check_resume`)."""
+def run_config(cfg: DictConfig) -> dict:
+    """The groups a resume is compared on (:data:`quest_pl.config.RESUME_GROUPS`), as plain types."""
+    from quest_pl.config import RESUME_GROUPS
 
-    def __new__(cls, cfg: DictConfig):
-        import lightning as L
-
-        from quest_pl.config import RESUME_GROUPS
-
-        container = {g: cfg.get(g) for g in RESUME_GROUPS}
-        container = {k: OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig) else v
-                     for k, v in container.items()}  # fmt: skip
-
-        class _SaveRunConfig(L.Callback):
-            def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-                checkpoint["quest_pl_config"] = container
-
-        return _SaveRunConfig()
+    container = {g: cfg.get(g) for g in RESUME_GROUPS}
+    return {
+        k: OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig) else v for k, v in container.items()
+    }
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
@@ -145,6 +115,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
     from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary
 
     from quest_pl.callbacks import SaveOnInterrupt
+    from quest_pl.callbacks.checkpoint import SaveRunConfig
 
     ckpt_dir = run_dir / "checkpoints"
     remove_stale_temp_files(ckpt_dir)
@@ -160,7 +131,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
             enable_version_counter=False,  # resuming into the same run dir updates last.ckpt, not last-v1.ckpt
         ),
         SaveOnInterrupt(ckpt_dir),
-        SaveRunConfig(cfg),
+        SaveRunConfig(run_config(cfg)),
         ModelSummary(max_depth=1),  # through logging (console and run.log), not a terminal-only table
     ]
     for name, spec in (cfg.get("callbacks") or {}).items():
@@ -202,6 +173,8 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
 def build_trainer(cfg: DictConfig, run_dir: Path, loggers: list, callbacks: list):
     """The ``trainer`` group instantiated from its ``_target_`` (any Trainer argument passes through), with the
     precision resolved, validation every ``val_check_interval`` optimizer steps and atomic checkpoint writes."""
+    from quest_pl.callbacks.checkpoint import AtomicCheckpointIO
+
     spec = OmegaConf.to_container(cfg.trainer, resolve=True)
     for key in PROJECT_TRAINER_KEYS:  # read by the project (quest_pl.budget), not arguments of the Trainer
         spec.pop(key, None)
@@ -217,7 +190,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, loggers: list, callbacks: list
         enable_progress_bar=progress,
         logger=loggers or False,
         callbacks=callbacks,
-        plugins=[*(spec.get("plugins") or []), AtomicCheckpointIO()],
+        plugins=[*(spec.get("plugins") or []), AtomicCheckpointIO()],  # atomic writes beside the checkpoint
         default_root_dir=str(run_dir),
     )
 

@@ -24,7 +24,7 @@ def test_any_trainer_argument_passes_through(tmp_path):
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 
     io = trainer.strategy.checkpoint_io
-    assert isinstance(io, TorchCheckpointIO) and type(io).__name__ == "_AtomicCheckpointIO"
+    assert isinstance(io, TorchCheckpointIO) and type(io).__name__ == "AtomicCheckpointIO"
     assert trainer.precision == "32-true"  # precision null: 32-true on CPU
 
 

@@ -224,7 +224,7 @@ def shm_dir(tmp_path):
 
 
 def test_full_disk_during_checkpoint_write_keeps_the_previous_one(monkeypatch, tmp_path, shm_dir):
-    from quest_pl.train import AtomicCheckpointIO
+    from quest_pl.callbacks.checkpoint import AtomicCheckpointIO
 
     private_tmp = tmp_path / "tmpdir"
     private_tmp.mkdir()
@@ -251,7 +251,7 @@ def test_full_disk_during_checkpoint_write_keeps_the_previous_one(monkeypatch, t
 KILL_DURING_SAVE = textwrap.dedent(
     """
     import os, signal, sys, torch
-    from quest_pl.train import AtomicCheckpointIO
+    from quest_pl.callbacks.checkpoint import AtomicCheckpointIO
     io, path = AtomicCheckpointIO(), sys.argv[1]
     io.save_checkpoint({"state_dict": {"w": torch.ones(1000)}, "global_step": 1}, path)
     def killed_midway(obj, f, *a, **k):

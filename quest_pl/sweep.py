@@ -80,10 +80,13 @@ class SweepReport(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         if not self.enabled:
             return
+        from quest_pl.config import ConfigError
         from quest_pl.report import write_report
 
         sweep_dir = self.sweep_dir or Path(str(config.hydra.sweep.dir))
         try:
             write_report(sweep_dir, echo=True, ptq=self.ptq)
+        except ConfigError as e:  # e.g. a malformed metrics.json: one line naming the file
+            log.error("sweep report failed: %s", e)
         except Exception:  # a report failure must not hide the finished runs
             log.exception("sweep report failed; rerun it with: python -m quest_pl.report %s", sweep_dir)

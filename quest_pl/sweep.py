@@ -33,9 +33,12 @@ def quant_arm_name(name: str, grid: str | None, w_bits=None, a_bits=None) -> str
     return f"{_BITS_SUFFIX.sub('', name)}_w{_bits(w_bits)}a{_bits(a_bits)}"
 
 
-def arm_name(quant: DictConfig, ptq: DictConfig | None = None) -> str:
-    """``run_name`` of a job: the quant arm's name (:func:`quant_arm_name`), or the PTQ setting's name
-    (``ptq_<grid>_w<b>a<b>``, :class:`quest_pl.ptq.PTQConfig`) for a ``ptq.from=CKPT`` evaluation."""
+def arm_name(quant: DictConfig, ptq: DictConfig | None = None, probe: DictConfig | None = None) -> str:
+    """``run_name`` of a job: the quant arm's name (:func:`quant_arm_name`), the PTQ setting's name
+    (``ptq_<grid>_w<b>a<b>``, :class:`quest_pl.ptq.PTQConfig`) for a ``ptq.from=CKPT`` evaluation, or ``probe`` for
+    an alignment probe (``probe.from=CKPT``, :mod:`quest_pl.probe`)."""
+    if probe is not None and probe.get("from"):
+        return "probe"
     if ptq is not None and ptq.get("from"):
         from quest_pl.ptq import PTQConfig
 
@@ -56,9 +59,9 @@ def seed_list(seeds) -> str:
 
 
 def register_resolvers() -> None:
-    """``${arm_name:${quant},${ptq}}`` for ``run_name`` in ``experiments/config.yaml`` and ``${seed_list:${seeds}}``
-    for the experiments' sweeps. Idempotent; called by ``run.py`` before Hydra composes, and by anything that
-    resolves a saved config."""
+    """``${arm_name:${quant},${ptq},${probe}}`` for ``run_name`` in ``experiments/config.yaml`` and
+    ``${seed_list:${seeds}}`` for the experiments' sweeps. Idempotent; called by ``run.py`` before Hydra composes,
+    and by anything that resolves a saved config."""
     if not OmegaConf.has_resolver(ARM_RESOLVER):
         OmegaConf.register_new_resolver(ARM_RESOLVER, arm_name)
     if not OmegaConf.has_resolver(SEEDS_RESOLVER):

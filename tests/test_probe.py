@@ -14,7 +14,7 @@ OPTIM = dict(lr=1e-3, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1, quant_lr_sc
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A Lightning-format checkpoint of a tiny full-precision LMModule (random weights: the probe needs none trained)."""
+    """A Lightning-format checkpoint of a tiny full-precision LMModule (random weights: the probe needs no training)."""
     from quest_pl.module import LMModule
 
     torch.manual_seed(0)

@@ -69,12 +69,21 @@ def check(cfg: DictConfig) -> tuple[str, list[str], int, str]:
 
 
 def quant_group(name: str) -> dict:
-    """The ``quant`` group ``quant=<name>`` composes to (resolved)."""
-    from quest_pl.config import compose
-    from quest_pl.sweep import register_resolvers
+    """The ``quant`` group ``quant=<name>`` composes to (resolved). Read from ``experiments/quant/`` directly, with
+    its defaults list (other files of the group, ``_self_``), because it runs inside ``hydra.main`` too."""
+    from quest_pl.config import CONFIG_DIR
 
-    register_resolvers()
-    return OmegaConf.to_container(compose(f"quant={name}").quant, resolve=True)
+    def load(stem: str):
+        node = OmegaConf.load(CONFIG_DIR / "quant" / f"{stem}.yaml")
+        defaults = list(node.pop("defaults", None) or ["_self_"])
+        if "_self_" not in defaults:
+            defaults.append("_self_")
+        merged = OmegaConf.create({})
+        for entry in defaults:
+            merged = OmegaConf.merge(merged, node if entry == "_self_" else load(str(entry)))
+        return merged
+
+    return OmegaConf.to_container(load(name), resolve=True)
 
 
 def validation_batches(data_cfg: DictConfig, n: int, seq_len: int, vocab: int, key: str) -> list[tuple]:

@@ -78,3 +78,13 @@ def test_probe_command_line(tmp_path, checkpoint):
     assert "| quest_w4a4 |" in out.stdout and (tmp_path / "probe.csv").is_file()
     bad = run_cli("probe.from=/nonexistent.ckpt", f"hydra.run.dir={tmp_path / 'bad'}")
     assert bad.returncode == 2 and bad.stderr.startswith("error: probe.from="), bad.stderr
+
+
+@pytest.mark.parametrize("name", ["bf16", "quest_w4a4", "lsq_w4a4", "quest_w1a16"])
+def test_quant_group_matches_hydra_composition(name):
+    from omegaconf import OmegaConf
+
+    from quest_pl.config import compose
+    from quest_pl.probe import quant_group
+
+    assert quant_group(name) == OmegaConf.to_container(compose(f"quant={name}").quant, resolve=True)

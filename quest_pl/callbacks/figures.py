@@ -32,13 +32,17 @@ def alignment_by_depth(rows: list[tuple], max_curves: int = 6):
     """Row-mean cosine (band: +- row std at the latest step) against depth from the top, one curve per measured step.
 
     ``rows``: (step, operand, layer, cos, row_mean, row_std) with layers in depth order (``alignment.csv``)."""
-    weight = [r for r in rows if r[1] == "weight"]
+    weight = [r for r in rows if r[1] == "weight" and r[0] > 0]  # step 0: the untrained model, no estimator acted yet
     steps = sorted({r[0] for r in weight})
+    fig = _figure()
+    if not steps:
+        ax = fig.add_subplot()
+        ax.text(0.5, 0.5, "no alignment measured after step 0 yet", ha="center", va="center", transform=ax.transAxes)
+        return fig
     if len(steps) > max_curves:
         steps = [steps[round(i * (len(steps) - 1) / (max_curves - 1))] for i in range(max_curves)]
     layers = list(dict.fromkeys(r[2] for r in weight))
     depth = {name: len(layers) - 1 - i for i, name in enumerate(layers)}  # 0 = the layer next to the head
-    fig = _figure()
     ax = fig.add_subplot()
     colors = _colors(len(steps))
     for color, step in zip(colors, steps):
@@ -69,9 +73,12 @@ def masked_fraction(rows: list[tuple], expected: dict[str, float]):
             points = sorted((r[0], r[3]) for r in rows if r[2] == op and r[1] == layer)
             ax.plot(*zip(*points), ".-", color=color, label=layer, lw=1)
         if expected.get(op) is not None:
-            ax.axhline(expected[op], color="k", ls="--", label="expectation over N(0,1)")
+            ax.axhline(expected[op], color="k", ls="--", label=f"N(0,1) expectation ({expected[op]:.2g})")
         if any(r[3] > 0 for r in rows if r[2] == op):
             ax.set_yscale("log")
+        else:
+            ax.text(0.5, 0.5, "every masked fraction is 0: this estimator masks nothing (e.g. STE)", ha="center",
+                    va="center", transform=ax.transAxes, fontsize=8)  # fmt: skip
         ax.set_xlabel("step")
         ax.set_ylabel("masked fraction")
         ax.set_title(f"{op} masks (Fig. 8)")

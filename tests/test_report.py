@@ -200,6 +200,10 @@ def test_report_errors_are_one_line(tmp_path):
 def test_report_cli_errors(tmp_path):
     for target in (tmp_path / "nope", tmp_path):
         out = subprocess.run(
-            [sys.executable, "-m", "quest_pl.report", str(target)], cwd=ROOT, capture_output=True, text=True, timeout=60
+            [sys.executable, "-m", "quest_pl.report", str(target)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert out.returncode == 2 and out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr

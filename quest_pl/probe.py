@@ -186,7 +186,8 @@ def figure(results: dict[str, list[dict]]):
         std = [r["row_std"] for r in rows]
         c = colors[name]
         ax.plot(x, mean, "o-", ms=3, color=c, label=name)
-        ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=c, alpha=0.15,
+        ax.fill_between(x, [max(m - s, -1) for m, s in zip(mean, std)], [min(m + s, 1) for m, s in zip(mean, std)],
+                        color=c, alpha=0.15,
                         lw=0)  # fmt: skip
     if layers:
         ax.set_xticks(range(len(layers)), [t.replace("blocks.", "b") for t in layers], rotation=60, ha="right",

@@ -302,7 +302,8 @@ def sweep_alignment_by_depth(rows: list[dict], colors: dict[str, str]):
             order = np.argsort(depth)
             c = colors[r["arm"]]
             ax.plot(depth[order], mean[order], "o-", ms=3, color=c, label=r["arm"])
-            ax.fill_between(depth[order], (mean - std)[order], (mean + std)[order], color=c, alpha=0.15, lw=0)
+            low, high = np.maximum(mean - std, -1.0), np.minimum(mean + std, 1.0)  # a cosine stays in [-1, 1]
+            ax.fill_between(depth[order], low[order], high[order], color=c, alpha=0.15, lw=0)
         if layers:
             ticks = list(reversed(layers))
             ax.set_xticks(range(len(ticks)), [t.replace("blocks.", "b") for t in ticks], rotation=60, ha="right",

@@ -8,7 +8,9 @@ With step alpha, n = 2^b, Q_p = max(n/2 - 1, 1), s = alpha (n - 1)/2:
                    i.e. g * (out - x * in_range) / alpha;   g = 1 / sqrt(N Q_p)
 
 N = numel(x) (per tensor, batch included) or the row length (`per_row=True`, one step per row of shape (rows, 1),
-needs `rows`). Init on the first forward: alpha0 = 2 mean|x| / sqrt(Q_p) (LSQ paper), per tensor or per row.
+needs `rows`; meant for weights: `quant.lsq_per_row` gives activations a per-tensor step). Init on the first forward:
+alpha0 = 2 mean|x| / sqrt(Q_p) (LSQ paper), per tensor or per row. alpha is kept >= 1e-3 alpha0 by projection before
+each forward (`estimators.learned`), so it never reaches 0 or changes sign.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class LSQ(LearnedScale):
 
     def forward(self, x: Tensor) -> Tensor:
         self.maybe_initialize(x)
+        self.project()
         with torch.no_grad():
             values, in_range = lsq_forward(x.float(), self.step, self.quantizer)
         self.remember(in_range)

@@ -3,12 +3,18 @@ reference's PACTQuantizer, which passes no gradient to its input (METHOD.md §1.
 
     values = centered INT-b grid with outermost levels +-alpha (step = 2 alpha / (n - 1))
     d out/dx     = 1 if |x| <= alpha else 0           (straight-through inside, zero when clipped)
-    d out/dalpha = sign(x) if |x| > alpha else 0       (PACT's clip form)
+    d out/dalpha = sign(x) if |x| > alpha else 0       (PACT's clip form), times g
 
-One alpha per tensor, initialised on the first forward to alpha0 = alpha_b * RMS(x) over the whole tensor.
+g = 1 / sqrt(N Q_p) by default (N = numel(x), Q_p = max(n/2 - 1, 1): LSQ's gradient scale, `grad_scale=True`), so the
+clip level's gradient is comparable to a weight's; `grad_scale=False` (`quant.pact_grad_scale=false`) is the authors'
+unscaled sum over the clipped elements, whose norm can dwarf the whole model's (issue #11). One alpha per tensor,
+initialised on the first forward to alpha0 = alpha_b * RMS(x) over the whole tensor, and kept >= 1e-3 alpha0 by
+projection before each forward (`estimators.learned`).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -23,31 +29,35 @@ class _PACTGrad(torch.autograd.Function):
     """Forward: the precomputed values. Backward: STE inside [-alpha, alpha]; alpha collects sign(x) g outside."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, clip: Tensor, values: Tensor, in_range: Tensor):
+    def forward(ctx, x: Tensor, clip: Tensor, values: Tensor, in_range: Tensor, grad_scale: float):
         ctx.save_for_backward(x, clip, in_range)
+        ctx.grad_scale = grad_scale
         return values
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, clip, in_range = ctx.saved_tensors
         grad_clip = torch.where(in_range, 0.0, grad.float() * torch.sign(x.float())).sum().reshape(clip.shape)
-        return grad * in_range, grad_clip.to(clip.dtype), None, None
+        return grad * in_range, (grad_clip * ctx.grad_scale).to(clip.dtype), None, None, None
 
 
 @register_estimator("pact")
 class PACT(LearnedScale):
-    def __init__(self, quantizer: Grid) -> None:
+    def __init__(self, quantizer: Grid, grad_scale: bool = True) -> None:
         super().__init__(quantizer, (1,), "clip")
         self.alpha_b = OPTIMAL_GAUSSIAN_SCALES[self.bits]
+        self.grad_scale = grad_scale
+        self.q_p = max(self.levels // 2 - 1, 1)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}"
+        return f"bits={self.bits}, grad_scale={self.grad_scale}"
 
     def initial_value(self, x32: Tensor) -> Tensor:
         return self.alpha_b * x32.square().mean().sqrt().reshape(1)
 
     def forward(self, x: Tensor) -> Tensor:
         self.maybe_initialize(x)
+        self.project()
         with torch.no_grad():
             x32 = x.float()
             values = self.quantizer.quantize_with_scale(x32, self.clip).values.to(x.dtype)
@@ -55,7 +65,8 @@ class PACT(LearnedScale):
         self.remember(in_range)
         if not self.needs_grad(x):
             return values
-        return _PACTGrad.apply(x, self.clip, values, in_range)
+        scale = 1 / math.sqrt(x.numel() * self.q_p) if self.grad_scale else 1.0
+        return _PACTGrad.apply(x, self.clip, values, in_range, scale)
 
     def expected_masked_fraction(self) -> float:
         """P(|z| > alpha_b) for N(0,1): the masked fraction at the init clip level (= clip with c = 1)."""

@@ -99,6 +99,11 @@ def main(cfg: DictConfig) -> float | None:
     setup_logging()
     set_threads()
     try:
+        if cfg.get("probe") is not None and cfg.probe.get("from"):  # alignment probe of a checkpoint (quest_pl.probe)
+            from quest_pl.probe import run as run_probe
+
+            run_probe(cfg, run_dir)
+            return None
         if cfg.ptq.get("from"):  # data-free PTQ of a checkpoint instead of training
             from quest_pl.config import expand_paths
             from quest_pl.ptq import run as run_ptq

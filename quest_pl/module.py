@@ -119,6 +119,16 @@ class LMModule(L.LightningModule):
         self._last_log = (now, step)
         self.log("train/tokens", float(tokens))
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        self._log_learned_scales()
+
+    def _log_learned_scales(self) -> None:
+        """``quant_scale/<layer>/weight|act``: each LSQ step / PACT clip level (mean over rows for per-row steps)."""
+        from quest_pl.estimators.learned import LearnedScale
+
+        for name, m in self.model.named_modules():
+            if isinstance(m, LearnedScale):
+                layer, _, operand = name.rpartition(".")
+                self.log(f"quant_scale/{layer}/{operand.removesuffix('_quant')}", m.learned.detach().mean())
 
     # -- validation ---------------------------------------------------------------------------------------------
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -170,9 +180,32 @@ class LMModule(L.LightningModule):
             g["lr"] = cfg["lr"] * g["lr_scale"]
         return groups
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Norm clipping with the model's parameters and the quantizers' (LSQ steps, PACT clip levels) as two separate
+        groups, each clipped to ``gradient_clip_val``: a quantizer's gradient can never shrink the model's update
+        through the global norm, nor the reverse. Value clipping is Lightning's, over everything."""
+        if not gradient_clip_val:
+            return
+        if gradient_clip_algorithm not in (None, "norm"):
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        from quest_pl.quant import is_quantizer_param
+
+        model, quant = [], []
+        for name, p in self.model.named_parameters():
+            if p.grad is not None:
+                (quant if is_quantizer_param(name) else model).append(p)
+        for params in (model, quant):
+            if params:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+
     def configure_optimizers(self):
         cfg = self.hparams.optim
         opt = torch.optim.AdamW(self.param_groups(), lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["eps"])
+        if self.quant is not None:  # learned scales stay positive (estimators.learned), also under torch.compile
+            from quest_pl.estimators.learned import project_learned_scales
+
+            opt.register_step_post_hook(lambda *_: project_learned_scales(self.model))
         total = self.hparams.max_steps
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt,

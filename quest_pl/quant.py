@@ -184,8 +184,13 @@ class QuantConfig:
                 options["trust"] = float(get("trust"))
             if est == "clip":
                 options["clip_scale"] = float(get("clip_scale", 1.0))
-            if est == "lsq" and get("lsq_per_row"):
+            if est == "lsq" and get("lsq_per_row") and op == "w":  # per-row steps are for weights only
                 options["per_row"] = True
+            if est == "pact":
+                grad_scale = get("pact_grad_scale", True)
+                if not isinstance(grad_scale, bool):
+                    raise ConfigError(f"quant.pact_grad_scale={grad_scale!r}: expected true or false")
+                options["grad_scale"] = grad_scale
             spec = OperandSpec(grid, bits, est, options)
             try:
                 spec.build(rows=1)

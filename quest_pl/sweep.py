@@ -1,8 +1,8 @@
 """Sweeps: readable arm names for job directories and the report written when a Hydra multirun ends.
 
-An experiment file (``experiments/experiment/*.yaml``) sweeps over the ``quant`` group; each job's directory is
-``<num>_<arm>``, where the arm name states the bits actually trained (``quest_w4a4`` becomes ``quest_w3a3`` under
-``quant.bits=3``), so TensorBoard pointed at the sweep directory lists the arms by name.
+An experiment file (``experiments/experiment/*.yaml``) sweeps over the ``quant`` group and the ``seeds`` list; each
+job's directory is ``<num>_<arm>_s<seed>``, where the arm name states the bits actually trained (``quest_w4a4`` becomes
+``quest_w3a3`` under ``quant.bits=3``), so TensorBoard pointed at the sweep directory lists the runs by arm and seed.
 """
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ import re
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
 ARM_RESOLVER = "arm_name"
+SEEDS_RESOLVER = "seed_list"
 _BITS_SUFFIX = re.compile(r"_w[0-9.]+a[0-9.]+$")
 
 
@@ -32,9 +33,12 @@ def quant_arm_name(name: str, grid: str | None, w_bits=None, a_bits=None) -> str
     return f"{_BITS_SUFFIX.sub('', name)}_w{_bits(w_bits)}a{_bits(a_bits)}"
 
 
-def arm_name(quant: DictConfig, ptq: DictConfig | None = None) -> str:
-    """``run_name`` of a job: the quant arm's name (:func:`quant_arm_name`), or the PTQ setting's name
-    (``ptq_<grid>_w<b>a<b>``, :class:`quest_pl.ptq.PTQConfig`) for a ``ptq.from=CKPT`` evaluation."""
+def arm_name(quant: DictConfig, ptq: DictConfig | None = None, probe: DictConfig | None = None) -> str:
+    """``run_name`` of a job: the quant arm's name (:func:`quant_arm_name`), the PTQ setting's name
+    (``ptq_<grid>_w<b>a<b>``, :class:`quest_pl.ptq.PTQConfig`) for a ``ptq.from=CKPT`` evaluation, or ``probe`` for
+    an alignment probe (``probe.from=CKPT``, :mod:`quest_pl.probe`)."""
+    if probe is not None and probe.get("from"):
+        return "probe"
     if ptq is not None and ptq.get("from"):
         from quest_pl.ptq import PTQConfig
 
@@ -42,11 +46,25 @@ def arm_name(quant: DictConfig, ptq: DictConfig | None = None) -> str:
     return quant_arm_name(quant.get("name", "quant"), quant.get("grid"), quant.get("w_bits"), quant.get("a_bits"))
 
 
+def seed_list(seeds) -> str:
+    """``seeds`` (a list of integers, or one integer) as the sweeper's ``0,1,2`` choice list (``${seed_list:${seeds}}``
+    in the experiment files); anything else is a one-line error."""
+    values = list(seeds) if isinstance(seeds, (list, tuple, ListConfig)) else [seeds]
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"seeds={seeds!r}: expected a non-empty list of integers, e.g. seeds=[0,1,2]")
+    if len(set(values)) != len(values):
+        raise ValueError(f"seeds={list(values)!r}: expected distinct seeds")
+    return ",".join(str(v) for v in values)
+
+
 def register_resolvers() -> None:
-    """``${arm_name:${quant},${ptq}}`` for ``run_name`` in ``experiments/config.yaml``. Idempotent; called by
-    ``run.py`` before Hydra composes, and by anything that resolves a saved config."""
+    """``${arm_name:${quant},${ptq},${probe}}`` for ``run_name`` in ``experiments/config.yaml`` and
+    ``${seed_list:${seeds}}`` for the experiments' sweeps. Idempotent; called by ``run.py`` before Hydra composes,
+    and by anything that resolves a saved config."""
     if not OmegaConf.has_resolver(ARM_RESOLVER):
         OmegaConf.register_new_resolver(ARM_RESOLVER, arm_name)
+    if not OmegaConf.has_resolver(SEEDS_RESOLVER):
+        OmegaConf.register_new_resolver(SEEDS_RESOLVER, seed_list)
 
 
 class SweepReport(Callback):
@@ -64,10 +82,13 @@ class SweepReport(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         if not self.enabled:
             return
+        from quest_pl.config import ConfigError
         from quest_pl.report import write_report
 
         sweep_dir = self.sweep_dir or Path(str(config.hydra.sweep.dir))
         try:
             write_report(sweep_dir, echo=True, ptq=self.ptq)
+        except ConfigError as e:  # e.g. a malformed metrics.json: one line naming the file
+            log.error("sweep report failed: %s", e)
         except Exception:  # a report failure must not hide the finished runs
             log.exception("sweep report failed; rerun it with: python -m quest_pl.report %s", sweep_dir)

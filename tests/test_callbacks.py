@@ -237,3 +237,46 @@ def test_smoke_diagnostics_and_identical_losses(tmp_path):
         assert (on / "figures" / f"{name}.png").stat().st_size > 0
     assert (on / "mask_persistence.csv").is_file() and (on / "alignment.csv").is_file()
     assert not (off / "figures").exists()
+
+
+def test_quantization_error_logs_no_expectation_for_learned_scales(tmp_path):
+    """A learned step or clip level has no RMS-scaled Gaussian optimum: ``quant/expected/*`` is not logged."""
+    pl_module = module(dict(grid="gaussian_mse", bits=4, w_bits=4, a_bits=4, estimator="lsq"))
+    cb, trainer = QuantizationError(every_n_steps=1), fake_trainer(tmp_path)
+    train_step([cb], trainer, pl_module, batches(1))
+    logged = trainer.logger.logged[0]
+    assert any(k.startswith("quant/relmse/") for k in logged)
+    assert not any(k.startswith("quant/expected") for k in logged)
+
+
+def _bf16_train_step(callbacks, trainer, pl_module, micro_batches):
+    """As train_step, with the training forward under CPU bf16 autocast (as bf16-mixed training): an fp32 recompute
+    then gives other activations, and other masks, than the training forward."""
+    for i, batch in enumerate(micro_batches):
+        for cb in callbacks:
+            cb.on_train_batch_start(trainer, pl_module, batch, i)
+        inputs, targets = batch
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = pl_module(inputs)
+        (pl_module.loss_fn(logits, targets) / len(micro_batches)).backward()
+    for cb in callbacks:
+        cb.on_before_optimizer_step(trainer, pl_module, None)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_diagnostics_on_the_same_step_do_not_contaminate_each_other(tmp_path, recompute):
+    """With the alignment callback firing first on the same step (its full-precision and fp32 recompute forwards),
+    the quantization error and the masks are those of the training forward alone."""
+    quant = dict(grid="gaussian_mse", bits=4, estimator="trust")
+    logged = []
+    for with_alignment in (False, True):
+        pl_module, trainer = module(quant), fake_trainer(tmp_path)
+        callbacks = [MaskStatistics(1, 1), QuantizationError(1)]
+        if with_alignment:
+            callbacks.insert(0, GradientAlignment(every_n_steps=1, recompute_quantized=recompute))
+        _bf16_train_step(callbacks, trainer, pl_module, batches(2))
+        logged.append({k: v for k, v in trainer.logger.logged[0].items() if k.startswith(("quant/", "mask/"))})
+    alone, together = logged
+    assert any("/act" in k for k in alone) and set(alone) == set(together)
+    for k, v in alone.items():
+        assert together[k] == pytest.approx(v, rel=1e-9, abs=0), k

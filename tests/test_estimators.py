@@ -200,7 +200,7 @@ def test_uniform_absmax_trust_and_clip_mask_nothing(gaussian_rows):
 def test_lsq_init_and_state_dict_round_trip():
     lsq = build("lsq", "gaussian_mse", 4)
     assert [name for name, _ in lsq.named_parameters()] == ["step"]
-    assert set(lsq.state_dict()) == {"step", "initialized"}
+    assert set(lsq.state_dict()) == {"step", "initialized", "floor"}
     x = torch.randn(64, 256, generator=torch.Generator().manual_seed(4))
     lsq(x)
     assert lsq.step.item() == pytest.approx(2 * x.abs().mean().item() / math.sqrt(7), rel=1e-6)
@@ -294,7 +294,7 @@ def test_pact_gradients():
     inside = x.detach().abs() <= 1.0
     assert 0 < inside.float().mean() < 1
     assert torch.equal(x.grad, torch.where(inside, g, 0.0))
-    expected = (torch.sign(x.detach()) * g)[~inside].sum()
+    expected = (torch.sign(x.detach()) * g)[~inside].sum() / math.sqrt(x.numel())  # Q_p = 1 at 2 bits
     assert pact.clip.grad.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
@@ -327,3 +327,95 @@ def test_learned_scale_needs_integer_grid(est, grid, bits):
 def test_unknown_estimator_lists_registry():
     with pytest.raises(ValueError, match=r"'erfclip'.*clip.*lsq.*none.*pact.*ste.*trust"):
         estimators.build("erfclip", quantizer=quantizers.build("gaussian_mse", bits=4))
+
+
+# ---- learned scales: positivity, PACT's gradient scale, per-row weights only (issue #11) ---------------------------
+
+
+def _pushed_down(est: str, bits: int = 4):
+    """An estimator whose loss (sum of outputs over inputs far above the range) decreases with the scale:
+    d loss / d scale > 0 for both LSQ ((q_clip + 1/2) per clamped element) and PACT (sign(x) = +1 per element)."""
+    e = build(est, "gaussian_mse", bits)
+    e(torch.randn(16, 64, generator=torch.Generator().manual_seed(0)))  # data-dependent init (and floor)
+    return e
+
+
+@pytest.mark.parametrize("est", ["lsq", "pact"])
+def test_learned_scale_cannot_cross_zero(est):
+    e = _pushed_down(est)
+    opt = torch.optim.SGD(e.parameters(), lr=10.0)  # one step would take the scale far below zero
+    x = torch.full((4, 64), 100.0)
+    inside = torch.linspace(-1e-3, 1e-3, 64).repeat(4, 1)
+    for _ in range(5):
+        opt.zero_grad()
+        e(x).sum().backward()
+        assert e.learned.grad.item() > 0  # the loss does push the scale down
+        opt.step()
+        probe = inside.clone().requires_grad_()
+        y = e(probe)
+        assert e.learned.min().item() > 0
+        assert torch.isfinite(y).all()
+        y.sum().backward()
+        assert probe.grad.abs().sum() > 0  # a tiny input still has a scale to pass through: the layer is not frozen
+
+
+@pytest.mark.parametrize("est", ["lsq", "pact"])
+def test_learned_scale_of_zero_gives_finite_values(est):
+    e = build(est, "gaussian_mse", 4)
+    with torch.no_grad():
+        e.learned.fill_(0.0)
+        e.initialized.fill_(True)
+    x = torch.randn(8, 32, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    y = e(x)
+    y.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all() and torch.isfinite(e.learned.grad).all()
+    assert e.learned.item() > 0
+
+
+def test_pact_clip_gradient_has_lsq_scale_by_default():
+    """PACT's clip gradient is sum_{|x| > alpha} sign(x) g, times 1/sqrt(N Q_p) by default (as LSQ's step); the
+    authors' unscaled sum with grad_scale=False."""
+    x = torch.randn(4, 128, generator=torch.Generator().manual_seed(8))
+    g = torch.randn(4, 128, generator=torch.Generator().manual_seed(9))
+    unscaled = (torch.sign(x) * g)[x.abs() > 1.0].sum().item()
+    for kw, factor in (({}, 1 / math.sqrt(x.numel() * 1)), ({"grad_scale": False}, 1.0)):
+        pact = build("pact", "gaussian_mse", 2, **kw)
+        with torch.no_grad():
+            pact.clip.fill_(1.0)
+            pact.initialized.fill_(True)
+        pact(x).backward(g)
+        assert pact.clip.grad.item() == pytest.approx(unscaled * factor, rel=1e-5)
+
+
+def test_lsq_per_row_with_lsq_activations_builds_and_applies_to_weights_only():
+    from quest_pl.module import LMModule
+    from quest_pl.quant import quant_layers
+
+    quant = dict(name="lsq", grid="gaussian_mse", bits=4, w_bits=4, a_bits=4, estimator="lsq", lsq_per_row=True)
+    m = LMModule(dict(vocab_size=256, n_layer=1, d_model=128, n_head=1, seq_len=16), {}, quant=quant)
+    for layer in quant_layers(m.model).values():
+        assert layer.weight_quant.step.shape == (layer.out_features, 1)
+        assert layer.act_quant.step.shape == (1,)
+    m(torch.randint(0, 256, (2, 16)))
+
+
+def test_quantizer_parameters_are_clipped_apart_from_the_model():
+    """A large PACT clip gradient must not shrink the model's gradients through the global norm (module
+    configure_gradient_clipping): the model's parameters and the quantizers' are clipped to max_norm separately."""
+    from quest_pl.module import LMModule
+    from quest_pl.quant import is_quantizer_param
+
+    quant = dict(name="pact", grid="gaussian_mse", bits=4, w_bits=4, a_bits=4, estimator="pact")
+    optim = dict(lr=1e-3, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1, quant_lr_scale=1.0, quant_weight_decay=0.0)
+    m = LMModule(dict(vocab_size=256, n_layer=1, d_model=128, n_head=1, seq_len=16), optim, quant=quant)
+    named = list(m.named_parameters())
+    for name, p in named:
+        p.grad = torch.full_like(p, 100.0 if is_quantizer_param(name) else 1e-4)
+    model_before = {n: p.grad.clone() for n, p in named if not is_quantizer_param(n)}
+    m.configure_gradient_clipping(None, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+    for n, p in named:
+        if is_quantizer_param(n):
+            continue
+        assert torch.equal(p.grad, model_before[n])  # the model's norm is far below 1: untouched
+    quant_norm = torch.cat([p.grad.flatten() for n, p in named if is_quantizer_param(n)]).norm()
+    assert quant_norm.item() == pytest.approx(1.0, rel=1e-4)

@@ -111,6 +111,55 @@ def test_bits_sweep_one_bit_uses_clip_1_3():
         assert (names[name].estimator, names[name].clip_scale) == ("clip", 1.3)
 
 
+def sweep_seeds(*overrides: str) -> str:
+    """The ``seed`` choice list an experiment's sweeper gets (the resolver Hydra's sweeper instantiation runs)."""
+    return compose_hydra(*overrides).hydra.sweeper.params.seed
+
+
+def test_every_experiment_sweeps_seeds():
+    for experiment in EXPERIMENTS:
+        assert sweep_seeds(f"experiment={experiment}") == "0", experiment  # CPU default: one seed
+        assert sweep_seeds(f"experiment={experiment}", "seeds=[0,1,2]") == "0,1,2"
+        assert sweep_seeds(f"experiment={experiment}", "+scale=gpu_30m") == "0,1,2"  # GPU default: three seeds
+    from omegaconf import OmegaConf
+
+    sweep = OmegaConf.to_container(compose_hydra("experiment=estimator_ablation").hydra.sweep)
+    assert sweep["subdir"] == "${hydra.job.num}_${run_name}_s${seed}"
+
+
+@pytest.mark.parametrize("seeds", ["[]", "[0,0]", "[a]"])
+def test_bad_seeds_are_one_line_errors(seeds):
+    from quest_pl.sweep import seed_list
+
+    with pytest.raises(ValueError, match=r"seeds=.*: expected"):
+        seed_list([] if seeds == "[]" else [0, 0] if seeds == "[0,0]" else ["a"])
+
+
+def test_arms_are_paired_by_seed():
+    """Same seed: every arm starts from the same latent weights (quantizers add no draw before the model's init) and
+    reads the same batches; another seed changes both."""
+    import lightning as L
+    import torch
+
+    from quest_pl.train import build_datamodule, build_module
+
+    def start(quant: str, seed: int):
+        cfg = compose_hydra("experiment=estimator_ablation", f"quant={quant}", f"seed={seed}")
+        L.seed_everything(cfg.seed, verbose=False)
+        dm = build_datamodule(cfg)
+        dm.prepare_data()
+        dm.setup("fit")
+        module = build_module(cfg, dm.vocab_size)
+        weights = {k: v for k, v in module.model.state_dict().items() if k.endswith("weight") and "_quant" not in k}
+        return weights, next(iter(dm.train_dataloader()))[0]
+
+    base, base_batch = start("bf16", 0)
+    for quant, seed in (("quest_w4a4", 0), ("lsq_w4a4", 0), ("bf16", 1)):
+        weights, batch = start(quant, seed)
+        same = all(torch.equal(base[k], weights[k]) for k in base) and torch.equal(base_batch, batch)
+        assert same == (seed == 0), (quant, seed)
+
+
 def test_arm_name():
     from quest_pl.sweep import quant_arm_name as arm_name
 
@@ -137,7 +186,8 @@ def test_multirun_end_to_end_writes_report(tmp_path):
         f"hydra.sweep.dir={tmp_path}",
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert (tmp_path / "0_bf16" / "metrics.json").is_file() and (tmp_path / "1_quest_w4a4" / "metrics.json").is_file()
+    assert (tmp_path / "0_bf16_s0" / "metrics.json").is_file()
+    assert (tmp_path / "1_quest_w4a4_s0" / "metrics.json").is_file()
     with open(tmp_path / "summary.csv") as f:
         rows = {r["arm"]: r for r in csv.DictReader(f)}
     assert list(rows) == ["bf16", "quest_w4a4", "ptq_gaussian_mse_w4a4", "ptq_gaussian_mse_w4a16"]
@@ -148,5 +198,7 @@ def test_multirun_end_to_end_writes_report(tmp_path):
     assert q["align_mean"] and q["mask_frac"] and float(q["val_loss"]) > 0
     assert "quest_w4a4" in (tmp_path / "summary.md").read_text()
     assert "Sweep summary" in out.stdout and "quest_w4a4" in out.stdout
-    for png in ("val_loss.png", "alignment_by_depth.png", "masked_fraction.png"):
-        assert (tmp_path / png).stat().st_size > 1000, png
+    assert q["verdict"] == "1 seed: pipeline check"
+    for name in ("loss_curves", "delta_bf16", "alignment_by_depth", "masked_fraction"):
+        for ext in ("pdf", "png"):
+            assert (tmp_path / f"{name}.{ext}").stat().st_size > 1000, name

@@ -1,8 +1,10 @@
-"""The sweep report on a synthetic sweep directory: one row per arm, deltas to BF16, diagnostics columns, plots, and
-regeneration from the command line (``python -m quest_pl.report DIR``)."""
+"""The sweep report on synthetic sweep directories: arms grouped over seeds, the paired difference to BF16 with its
+95 % t-interval against a hand-computed example, the exact t quantile, diverged and malformed jobs, the "what was
+run" header, figures as PDF and PNG, and regeneration from the command line (``python -m quest_pl.report DIR``)."""
 
 import csv
 import json
+import math
 import subprocess
 import sys
 
@@ -10,49 +12,61 @@ import pytest
 
 from tests.conftest import ROOT
 
-ARMS = {  # arm -> (quant group, final val loss)
-    "bf16": ({"name": "bf16", "grid": None, "bits": None, "w_bits": None, "a_bits": None}, 4.0),
-    "quest_w4a4": (
-        {"name": "quest_w4a4", "grid": "gaussian_mse", "bits": 4, "w_bits": "${.bits}", "a_bits": "${.bits}",
-         "estimator": "trust", "hadamard": True, "hadamard_mode": "half"},
-        4.1,
-    ),
+QUEST = {"name": "quest_w4a4", "grid": "gaussian_mse", "bits": 4, "w_bits": "${.bits}", "a_bits": "${.bits}",
+         "estimator": "trust", "hadamard": True, "hadamard_mode": "half"}  # fmt: skip
+ARMS = {  # arm -> (quant group, final val loss per seed 0, 1, 2; None: diverged)
+    "bf16": ({"name": "bf16", "grid": None, "bits": None, "w_bits": None, "a_bits": None}, [4.00, 4.10, 3.90]),
+    "quest_w4a4": (QUEST, [4.05, 4.20, 3.92]),
     "quest_w1a16": (
         {"name": "quest_w1a16", "grid": "gaussian_mse", "bits": 1, "w_bits": "${.bits}", "a_bits": None,
          "estimator": "clip", "clip_scale": 1.3, "hadamard": True},
-        4.5,
+        [4.50, 4.62, 4.41],
     ),
+    "pact_w4a4": (dict(QUEST, name="pact_w4a4", estimator="pact", hadamard=False), [4.30, None, 4.20]),
 }  # fmt: skip
+MODEL = {"n_layer": 2, "d_model": 128, "n_head": 1, "seq_len": 128}
+DATA = {"source": "embedded", "batch_size": 16, "vocab_size": 2048, "val_batches": 8}
+TRAINER = {"accumulate_grad_batches": 1, "devices": 1, "num_nodes": 1}
 
 
-def fake_sweep(root):
+def fake_sweep(root, seeds=(0, 1, 2), seed_in_dir=True, arms=ARMS):
     from omegaconf import OmegaConf
     from torch.utils.tensorboard import SummaryWriter
 
-    for num, (arm, (quant, loss)) in enumerate(ARMS.items()):
-        job = root / f"{num}_{arm}"
-        (job / ".hydra").mkdir(parents=True)
-        OmegaConf.save(
-            OmegaConf.create({"quant": quant, "run_name": "${arm_name:${quant}}"}), job / ".hydra" / "config.yaml"
-        )
-        (job / "metrics.json").write_text(
-            json.dumps({"val/loss": loss, "val/ppl": 2.718**loss, "step": 20, "wall_s": 3.0 + num})
-        )
-        writer = SummaryWriter(str(job / "tensorboard"))
-        for step in (0, 10, 20):
-            writer.add_scalar("val/loss", loss + (20 - step) / 10, step)
-            writer.add_scalar("train/loss", loss + (20 - step) / 10, step)
-            writer.add_scalar("train/tokens_per_sec", 1000.0 * (num + 1), step)
-            if quant["grid"]:
-                writer.add_scalar("align/model", 0.9, step)
-                writer.add_scalar("align/block/0", 0.8, step)
-                for layer in ("blocks.0.attn.c_attn", "blocks.1.mlp.w12", "blocks.0.mlp.c_proj"):
-                    writer.add_scalar(f"align/cos/{layer}", 0.7, step)
-                    writer.add_scalar(f"mask/frac/{layer}/weight", 0.02, step)
-                    writer.add_scalar(f"mask/frac/{layer}/act", 0.04, step)
-                writer.add_scalar("mask/expected", 0.03, step)
-        writer.close()
-    (root / "2_unfinished").mkdir()  # a job without metrics.json is not a row
+    num = 0
+    for arm, (quant, losses) in arms.items():
+        for seed in seeds:
+            job = root / (f"{num}_{arm}_s{seed}" if seed_in_dir else f"{num}_{arm}")
+            num += 1
+            (job / ".hydra").mkdir(parents=True)
+            cfg = {"quant": quant, "seed": seed, "model": MODEL, "data": DATA, "trainer": TRAINER}
+            OmegaConf.save(OmegaConf.create(cfg), job / ".hydra" / "config.yaml")
+            loss = losses[seed]
+            metrics = {"step": 20, "wall_s": 3.0 + seed, "non_embedding_params": 500_000}
+            metrics.update({"status": "diverged", "val/loss": None} if loss is None else {"val/loss": loss})
+            if loss is not None:
+                metrics["val/ppl"] = math.exp(loss)
+            if arm == "bf16" and seed == 0:
+                metrics.pop("status", None)  # older sweeps: no status means ok
+            (job / "metrics.json").write_text(json.dumps(metrics))
+            writer = SummaryWriter(str(job / "tensorboard"))
+            for step in (0, 10, 20):
+                value = (loss or 5.0) + (20 - step) / 10
+                writer.add_scalar("val/loss", value, step)
+                writer.add_scalar("train/loss", value, step)
+                writer.add_scalar("train/tokens_per_sec", 1000.0 * (seed + 1), step)
+                if quant["grid"]:
+                    writer.add_scalar("align/model", 0.2 if step == 0 else 0.9, step)  # step 0 is excluded
+                    writer.add_scalar("align/block/0", 0.8, step)
+                    for layer in ("blocks.0.attn.c_attn", "blocks.1.mlp.w12", "blocks.0.mlp.c_proj"):
+                        writer.add_scalar(f"align/cos/{layer}", 0.7, step)
+                        writer.add_scalar(f"align/row_mean/{layer}", 0.6, step)
+                        writer.add_scalar(f"align/row_std/{layer}", 0.1, step)
+                        writer.add_scalar(f"mask/frac/{layer}/weight", 0.02, step)
+                        writer.add_scalar(f"mask/frac/{layer}/act", 0.04, step)
+                    writer.add_scalar("mask/expected", 0.03, step)
+            writer.close()
+    (root / f"{num}_unfinished_s0").mkdir()  # a job without metrics.json is not a row
     return root
 
 
@@ -61,42 +75,105 @@ def read_rows(path):
         return {r["arm"]: r for r in csv.DictReader(f)}
 
 
-def test_report_rows_and_files(tmp_path):
+# ---- statistics ---------------------------------------------------------------------------------------------------
+
+
+def test_t_quantile_exact():
+    from quest_pl.report import t_quantile
+
+    assert t_quantile(0.975, 1) == pytest.approx(math.tan(0.475 * math.pi), rel=1e-9)  # Cauchy
+    assert t_quantile(0.975, 2) == pytest.approx(0.95 * math.sqrt(2 / (1 - 0.95**2)), rel=1e-9)  # t/sqrt(2+t^2)=.95
+    for df, table in ((3, 3.182446), (4, 2.776445), (10, 2.228139), (30, 2.042272)):  # standard t tables
+        assert t_quantile(0.975, df) == pytest.approx(table, abs=2e-6)
+
+
+def test_paired_summary_hand_computed():
+    """d = (0.05, 0.10, 0.02): mean 0.056667, s = sqrt(0.0032667 / 2) = 0.040415, half width t(0.975, 2) s / sqrt 3
+    = 4.302653 x 0.023333 = 0.100395, interval [-0.043728, 0.157062]: contains 0."""
+    from quest_pl.report import SINGLE_SEED, paired_summary
+
+    s = paired_summary([0.05, 0.10, 0.02])
+    assert s["n"] == 3 and s["mean"] == pytest.approx(0.0566667, abs=1e-7)
+    assert s["std"] == pytest.approx(0.0404145, abs=1e-7)
+    assert (s["low"], s["high"]) == (pytest.approx(-0.043728, abs=2e-6), pytest.approx(0.157062, abs=2e-6))
+    assert s["verdict"] == "not significant"
+    s = paired_summary([0.50, 0.52, 0.51])  # s = 0.01: [0.51 -+ 0.024841]
+    assert (s["low"], s["high"]) == (pytest.approx(0.485159, abs=2e-6), pytest.approx(0.534841, abs=2e-6))
+    assert s["verdict"] == "significant"
+    one = paired_summary([0.3])
+    assert (one["mean"], one["std"], one["low"], one["verdict"]) == (0.3, None, None, SINGLE_SEED)
+
+
+# ---- the report ---------------------------------------------------------------------------------------------------
+
+
+def test_report_groups_seeds_with_paired_intervals(tmp_path):
     from quest_pl.report import COLUMNS, write_report
 
     rows = write_report(fake_sweep(tmp_path), ptq=False)
     assert [r["arm"] for r in rows] == list(ARMS)
     csv_rows = read_rows(tmp_path / "summary.csv")
-    assert list(csv_rows) == list(ARMS)
     with open(tmp_path / "summary.csv") as f:
         assert tuple(next(csv.reader(f))) == COLUMNS
-    q, w1, base = csv_rows["quest_w4a4"], csv_rows["quest_w1a16"], csv_rows["bf16"]
-    assert (base["method"], base["bits"], base["grid"]) == ("BF16", "W16A16", "-")
+    q, w1, base, pact = (csv_rows[a] for a in ("quest_w4a4", "quest_w1a16", "bf16", "pact_w4a4"))
+    assert (base["method"], base["bits"], base["grid"], base["status"]) == ("BF16", "W16A16", "-", "ok")
     assert (q["method"], q["grid"], q["bits"], q["estimator"], q["hadamard"]) == (
         "QAT", "gaussian_mse", "W4A4", "trust", "half"
     )  # fmt: skip
     assert (w1["bits"], w1["estimator"]) == ("W1A16", "clip(c=1.3)")
-    assert float(q["delta_bf16"]) == pytest.approx(0.1) and float(base["delta_bf16"]) == 0.0
-    assert float(q["align_mean"]) == pytest.approx(0.9) and float(q["align_block0"]) == pytest.approx(0.8)
+    assert float(q["val_loss"]) == pytest.approx((4.05 + 4.20 + 3.92) / 3)
+    assert float(base["val_loss_std"]) == pytest.approx(0.1)
+    assert float(q["delta_bf16"]) == pytest.approx(0.0566667, abs=1e-6)
+    assert float(q["delta_ci_low"]) == pytest.approx(-0.043728, abs=2e-6) and q["verdict"] == "not significant"
+    assert w1["verdict"] == "significant" and q["seeds"] == "3"
+    # a diverged seed: listed, excluded from the means and the pairing
+    assert pact["status"] == "diverged 1/3" and pact["seeds"] == "3"
+    assert float(pact["val_loss"]) == pytest.approx(4.25) and float(pact["delta_bf16"]) == pytest.approx(0.3)
+    assert float(q["align_mean"]) == pytest.approx(0.9)  # step 0 excluded
     assert float(q["mask_frac"]) == pytest.approx(0.03)
     assert base["align_mean"] == "" and base["mask_frac"] == ""
-    assert float(w1["tokens_per_s"]) == pytest.approx(3000.0) and float(w1["wall_s"]) == 5.0
+    with open(tmp_path / "runs.csv") as f:
+        runs = list(csv.DictReader(f))
+    assert len(runs) == 12 and {r["status"] for r in runs} == {"ok", "diverged"}
     md = (tmp_path / "summary.md").read_text()
     assert all(f"| {arm} |" in md for arm in ARMS)
-    for png in ("val_loss.png", "alignment_by_depth.png", "masked_fraction.png"):
-        assert (tmp_path / png).stat().st_size > 1000, png
+    assert "+0.0567 [-0.0437, +0.1571]" in md and "diverged 1/3" in md
+    for label in ("model", "tokens", "tokens per parameter", "seeds", "data", "report"):
+        assert f"**{label}**" in md
+    assert "0.50 M non-embedding parameters" in md and "40,960 seen (20 steps x 2,048 tokens/step)" in md
+    assert "git commit" in md
+    for name in ("loss_curves", "delta_bf16", "alignment_by_depth", "masked_fraction"):
+        for ext in ("pdf", "png"):
+            assert (tmp_path / f"{name}.{ext}").stat().st_size > 1000, (name, ext)
+
+
+def test_single_seed_is_a_pipeline_check(tmp_path):
+    from quest_pl.report import SINGLE_SEED, write_report
+
+    rows = write_report(fake_sweep(tmp_path, seeds=(0,)), ptq=False)
+    q = next(r for r in rows if r["arm"] == "quest_w4a4")
+    assert q["verdict"] == SINGLE_SEED and q["delta_ci_low"] is None and q["val_loss_std"] is None
+    assert SINGLE_SEED in (tmp_path / "summary.md").read_text()
+
+
+def test_old_sweep_without_seed_in_dir_names_groups_by_arm(tmp_path):
+    """``-m seed=0,1`` without an experiment: job dirs are <num>_<arm>; the seed comes from the job's config."""
+    from quest_pl.report import write_report
+
+    rows = write_report(fake_sweep(tmp_path, seeds=(0, 1), seed_in_dir=False), ptq=False)
+    assert [(r["arm"], r["seeds"]) for r in rows][:2] == [("bf16", 2), ("quest_w4a4", 2)]
 
 
 def test_alignment_layers_in_depth_order(tmp_path):
     from quest_pl.report import collect
 
-    rows = collect(fake_sweep(tmp_path))
-    layers = [layer for layer, _ in rows[1]["_align_depth"]]
+    jobs = collect(fake_sweep(tmp_path, seeds=(0,)))
+    layers = [layer for layer, *_ in jobs[1]["_align_depth"]["weight"]]
     assert layers == ["blocks.0.attn.c_attn", "blocks.0.mlp.c_proj", "blocks.1.mlp.w12"]
 
 
 def test_report_cli_regenerates(tmp_path):
-    fake_sweep(tmp_path)
+    fake_sweep(tmp_path, seeds=(0, 1))
     out = subprocess.run(
         [sys.executable, "-m", "quest_pl.report", str(tmp_path), "--no-ptq"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
@@ -105,9 +182,28 @@ def test_report_cli_regenerates(tmp_path):
     assert "quest_w4a4" in out.stdout and (tmp_path / "summary.csv").is_file()
 
 
+def test_report_errors_are_one_line(tmp_path):
+    from quest_pl.config import ConfigError
+    from quest_pl.report import main, write_report
+
+    fake_sweep(tmp_path, seeds=(0,))
+    bad = tmp_path / "1_quest_w4a4_s0" / "metrics.json"
+    bad.write_text('{"val/loss": 4.0,')
+    with pytest.raises(ConfigError, match=r"1_quest_w4a4_s0/metrics.json: malformed metrics.json"):
+        write_report(tmp_path, ptq=False)
+    bad.write_text('{"val/loss": 4.0, "status": "exploded"}')
+    with pytest.raises(ConfigError, match="status='exploded'"):
+        write_report(tmp_path, ptq=False)
+    assert main([str(tmp_path / "nope")]) == 2
+
+
 def test_report_cli_errors(tmp_path):
     for target in (tmp_path / "nope", tmp_path):
         out = subprocess.run(
-            [sys.executable, "-m", "quest_pl.report", str(target)], cwd=ROOT, capture_output=True, text=True, timeout=60
+            [sys.executable, "-m", "quest_pl.report", str(target)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
-        assert out.returncode == 2 and out.stderr.startswith("error: "), out.stderr
+        assert out.returncode == 2 and out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr

@@ -41,6 +41,7 @@ from quest_pl.callbacks.base import (
     all_reduce_sum,
     block_of,
     diagnosed_layers,
+    extra_forward,
     run_dir,
     to_host,
     write_csv,
@@ -184,6 +185,7 @@ class GradientAlignment(Diagnostic):
         model = pl_module.model
         no_sync = getattr(trainer.strategy.model, "no_sync", None)
         with contextlib.ExitStack() as stack:
+            stack.enter_context(extra_forward(model))
             if full_precision:
                 stack.enter_context(bypass_quantizers(model))
             stack.enter_context(torch.autocast(device_type=self._batches[0][0][0].device.type, enabled=False))

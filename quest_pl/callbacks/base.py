@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import csv
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -44,6 +46,33 @@ def operands(layer: nn.Module) -> dict[str, nn.Module]:
         return {}
     found = {"weight": layer.weight_quant, "act": layer.act_quant}
     return {op: est for op, est in found.items() if est is not None}
+
+
+_EXTRA_FORWARD = [0]  # depth of nested extra_forward() blocks (diagnostic forwards that are not the training one)
+
+
+@contextmanager
+def extra_forward(model: nn.Module) -> Iterator[None]:
+    """Mark forwards a diagnostic runs itself (alignment's full-precision and fp32 recompute passes): other
+    diagnostics' hooks ignore them (:func:`in_extra_forward`), and every estimator's mask recording is switched off
+    and its ``last_mask`` (the training forward's) restored on exit, so each diagnostic sees only the training forward
+    of its step."""
+    estimators = [m for m in model.modules() if hasattr(m, "record_mask")]
+    saved = [(m.record_mask, m.last_mask) for m in estimators]
+    for m in estimators:
+        m.record_mask = False
+    _EXTRA_FORWARD[0] += 1
+    try:
+        yield
+    finally:
+        _EXTRA_FORWARD[0] -= 1
+        for m, (record, last) in zip(estimators, saved):
+            m.record_mask, m.last_mask = record, last
+
+
+def in_extra_forward() -> bool:
+    """Whether a diagnostic's own forward (:func:`extra_forward`) is running."""
+    return _EXTRA_FORWARD[0] > 0
 
 
 def distributed(trainer: L.Trainer) -> bool:

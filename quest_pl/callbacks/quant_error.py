@@ -7,7 +7,8 @@ E[(q(z) - z)^2] (``Grid.gaussian_mse``; absent for absmax and learned-scale grid
 
 Weights are re-quantized from the current latent weights in ``on_before_optimizer_step`` (unchanged since the
 forward); activations are quantized a second time, under ``no_grad``, by a forward hook installed on the measured
-step only and summed over its micro-batches (and over DDP ranks).
+step only and summed over its micro-batches (and over DDP ranks); forwards run by other diagnostics
+(``callbacks.base.extra_forward``, e.g. the alignment's full-precision pass) are not counted.
 """
 
 from __future__ import annotations
@@ -16,7 +17,15 @@ import torch
 from torch import Tensor
 
 from quest_pl import quantizers
-from quest_pl.callbacks.base import Diagnostic, all_reduce_mean, diagnosed_layers, operands, to_host
+from quest_pl.callbacks.base import (
+    Diagnostic,
+    all_reduce_mean,
+    diagnosed_layers,
+    in_extra_forward,
+    operands,
+    to_host,
+)
+from quest_pl.estimators.learned import LearnedScale
 
 
 @torch.no_grad()
@@ -46,6 +55,8 @@ class QuantizationError(Diagnostic):
                 continue
 
             def measure(module, args, output, name=name, est=est):
+                if in_extra_forward():  # another diagnostic's forward (e.g. alignment's full-precision pass)
+                    return
                 errors = squared_errors(module, est, args[0])
                 self._act[name] = errors if name not in self._act else self._act[name] + errors
 
@@ -67,7 +78,8 @@ class QuantizationError(Diagnostic):
                     errors[f"{name}/weight"] = squared_errors(layer, est, layer.weight.detach())
                 elif name in self._act:
                     errors[f"{name}/act"] = self._act[name]
-                gaussian = getattr(getattr(est, "quantizer", None), "gaussian_mse", None)
+                grid = None if isinstance(est, LearnedScale) else getattr(est, "quantizer", None)
+                gaussian = getattr(grid, "gaussian_mse", None)  # a learned scale has no RMS-scaled optimum
                 if gaussian is not None and op not in expected:
                     expected[op] = gaussian
         # Activation sums differ per rank; averaging numerator and denominator alike keeps the global ratio.

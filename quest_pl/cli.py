@@ -104,8 +104,9 @@ def main(cfg: DictConfig) -> float | None:
 
             run_probe(cfg, run_dir)
             return None
+        from quest_pl.config import expand_paths
+
         if cfg.ptq.get("from"):  # data-free PTQ of a checkpoint instead of training
-            from quest_pl.config import expand_paths
             from quest_pl.ptq import run as run_ptq
 
             metrics = run_ptq(expand_paths(cfg), run_dir)

@@ -172,7 +172,7 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None =
                     "data": source if source != "text_file" else f"text_file:{data_cfg.data.path}"}  # fmt: skip
     metrics["wall_s"] = time.perf_counter() - start
     run_dir = Path(run_dir)
-    if cfg.logger.tensorboard:
+    if (cfg.get("logger") or {}).get("tensorboard"):
         from lightning.pytorch.loggers import TensorBoardLogger
 
         logger = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False)

@@ -204,18 +204,27 @@ def test_full_model_integer_path_close_to_fake(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("q", [quant("gaussian_mse", 4, 4, "half"), quant("fp4", 4, None, "full")], ids=case_id)
-def test_reload_exact_and_integer_path_on_cuda(q, tmp_path):
+def test_reload_on_cuda_float_and_integer_paths(q, tmp_path):
+    """Bit-exactness is a CPU property (the CPU tests above): on CUDA the quantizer's row reductions and the GEMMs
+    sum in another order, so a recomputed scale can differ in its last bit. What must hold on CUDA: the decoded
+    weights are the same bits (decoding is an elementwise product), a weight-only model gives the CPU logits up to
+    fp32 rounding, and the integer path equals the float path on the same device (the same activation codes)."""
     module = qat_module(q)
     export_packed(module, tmp_path)
     model, _ = load_packed(tmp_path)
-    idx = tokens().cuda()
-    torch.backends.cuda.matmul.allow_tf32 = False
+    idx = tokens()
     with torch.no_grad():
-        want = module.model.cuda()(idx)
-        got = model.cuda()(idx)
-        assert torch.equal(want, got)
+        cpu_logits = model(idx)
+        cpu_buffers = {k: v.clone() for k, v in model.named_buffers()}
+        model = model.cuda()
+        for k, v in model.named_buffers():
+            assert torch.equal(v.cpu(), cpu_buffers[k]), k
+        torch.backends.cuda.matmul.allow_tf32 = False
+        got = model(idx.cuda())
+        if q["a_bits"] is None:
+            torch.testing.assert_close(got.cpu(), cpu_logits, rtol=1e-4, atol=1e-5)
         if set_int_path(model):
-            assert torch.allclose(model(idx), want, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(model(idx.cuda()), got, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(

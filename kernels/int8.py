@@ -284,8 +284,8 @@ def quest_int8_linear(
     """y = Q(x H) Q(W H)^T through the INT8 GEMM, differentiable with the QuEST backward of both operands.
 
     ``act`` / ``weight_args``: ``kernels.quest_quantize`` keyword dicts (bits, grid, hadamard, estimator, trust,
-    clip_scale, group_size None) of a centered integer grid (``int8_unsupported``); both must agree on ``hadamard``. x (..., K) and
-    weight (N, K) in any float dtype (an fp32 master weight is read once, no bf16 copy); the output is in
+    clip_scale; group_size None) of a centered integer grid (``int8_unsupported``); both must agree on ``hadamard``.
+    x (..., K) and weight (N, K) in any float dtype (an fp32 master weight is read once, no bf16 copy); the output is in
     ``out_dtype`` (default: autocast's dtype inside autocast, else x's)."""
     hadamard = bool(act.get("hadamard", True))
     if bool(weight_args.get("hadamard", True)) != hadamard:

@@ -132,10 +132,12 @@ def quantize_codes(
     estimator: str = "trust",
     trust: float | None = None,
     clip_scale: float = 1.0,
+    group_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused quantizer's codes form for x (..., K): (int8 codes 2k + 1 (..., K), bit-packed mask (..., ceil(K/8))
-    uint8, fp32 Δ/2 (...)), with ``dequantize(codes, scales)`` equal to ``kernels.fused_quantize``'s values in fp32."""
-    reason = int8_unsupported(grid, bits, estimator)
+    uint8, fp32 Δ/2 (...)), with ``dequantize(codes, scales)`` equal to ``kernels.fused_quantize``'s values in fp32.
+    Takes ``kernels.quest_quantize``'s keywords; ``group_size`` must be None (per-row scales: ``int8_unsupported``)."""
+    reason = int8_unsupported(grid, bits, estimator, group_size)
     if reason:
         raise ValueError(reason)
     trust = _kernels._resolve(x, bits, grid, hadamard, estimator, trust, clip_scale)

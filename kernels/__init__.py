@@ -1,5 +1,6 @@
-"""Fused Triton kernels for the QuEST quantizer: block-128 Hadamard, RMS scale, grid rounding and trust / clip mask in
-one pass forward; masked transposed Hadamard in one pass backward (METHOD.md §1.3-1.8, §8 "Triton kernels").
+"""Fused Triton kernels for the QuEST quantizer: block-128 Hadamard, RMS scale (per row, or per group of 16-128 elements
+inside the block), grid rounding and trust / clip mask in one pass forward; masked transposed Hadamard in one pass
+backward (METHOD.md §1.3-1.8, §8 "Triton kernels").
 
 Public API:
   fused_quantize(x, ...) -> (values, mask)  values in the rotated basis (x's dtype), mask bool, True = gradient passes

@@ -7,7 +7,9 @@ Forward, two variants with the same arithmetic:
   resident   rows of up to `MAX_RESIDENT_BLOCKS`·128 columns: a program loads `BLOCK_M` whole rows as one
              (BLOCK_M·NB, 128) tile of Hadamard blocks, so each element is read from memory once;
   two-pass   wider rows: pass 1 sums x² over the row, pass 2 re-reads it (from L2) block by block.
-Both take σ = RMS(x) = RMS(x·H) (H orthonormal), so the reduction needs no matrix product; then per 128-column block:
+Both take σ = RMS(x) = RMS(x·H) (H orthonormal), so the reduction needs no matrix product; with group scales
+(GROUP = g in 16..128: one σ per g consecutive columns of x_h, each group inside one 128-column block) σ comes from
+the block's rotated values in registers instead, and the two-pass kernel skips its first pass. Per 128-column block:
 x_h = x·H on the tensor cores with fp32 accumulation, the grid, the trust / clip mask, the dequantized values stored in
 x's dtype (rotated basis) and the mask bit-packed (column j in bit j % 8 of byte j // 8).
 
@@ -21,7 +23,7 @@ Exact Hadamard: H = S/√128 with S the ±1 Sylvester matrix. A bf16 / fp16 elem
 tensor-core product with S accumulated in fp32 is the fp32 sum; fp32 inputs are split into three bf16 parts
 (hi + mid + lo = x exactly) for the same result. Everything after the rotation is fp32.
 
-Versus the PyTorch reference (`quantizers`): σ is summed in another order and from x instead of x_h, and x/Δ is
+Versus the PyTorch reference (`quantizers`): σ is summed in another order (per row: from x instead of x_h), and x/Δ is
 x·(1/Δ); each moves a value by about an fp32 ulp, so a code differs only for the ~1e-7 of elements that lie within an
 ulp of a decision boundary.
 """

@@ -164,10 +164,12 @@ def _unpack_bits(packed, R: tl.constexpr):
 @triton.jit
 def _group_rms(xh, R: tl.constexpr, GROUP: tl.constexpr):
     """Per-group σ = sqrt(mean(x_h²)) over each run of GROUP consecutive columns of an (R, 128) fp32 tile, broadcast
-    back to (R, 128): the scale statistic of a grid with `group_size` = GROUP (groups inside the Hadamard block)."""
+    back to (R, 128): the scale statistic of a grid with `group_size` = GROUP (groups inside the Hadamard block).
+    Times 1/GROUP (a power of two: exact, = the division) and the IEEE square root: only the sum's order differs from
+    `quantizers.base.row_rms`."""
     NG: tl.constexpr = 128 // GROUP
     sumsq = tl.sum(tl.reshape(xh * xh, (R, NG, GROUP)), axis=2)
-    rms = tl.sqrt(sumsq / GROUP)
+    rms = tl.sqrt_rn(sumsq * (1.0 / GROUP))
     return tl.reshape(tl.broadcast_to(rms[:, :, None], (R, NG, GROUP)), (R, 128))
 
 

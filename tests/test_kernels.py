@@ -378,10 +378,13 @@ def test_cuda_forward_backward_match_reference(dtype, rotation, monkeypatch):
 
 @pytest.mark.gpu
 @cuda
+@pytest.mark.parametrize("rotation", list(_triton.ROTATIONS))
 @pytest.mark.parametrize("group_size", [16, 128])
 @pytest.mark.parametrize(("grid", "bits", "estimator", "kwargs"), [CONFIGS[2], CONFIGS[4], CONFIGS[6]], ids=str)
-def test_cuda_group_scales_match_reference(grid, bits, estimator, kwargs, group_size):
-    """The compiled group path (both forward kernels, bf16 on the tensor cores) against the grouped reference."""
+def test_cuda_group_scales_match_reference(grid, bits, estimator, kwargs, group_size, rotation, monkeypatch):
+    """The compiled group path (both forward kernels, bf16 on the tensor cores, both rotations) against the grouped
+    reference."""
+    monkeypatch.setattr(_triton, "ROTATION", rotation)
     for shape in [(1027, 2048), (515, 640)]:
         x = _randn(shape, torch.bfloat16, seed=23)
         values, mask = kernels.fused_quantize(x, bits=bits, grid=grid, estimator=estimator, group_size=group_size,

@@ -5,14 +5,16 @@ QuEST's quantizer on bf16 activations, 4-bit gaussian_mse grid, trust estimator,
   triton dense  the same with the dense 128x128 rotation (one tensor-core product per block)
   triton kron   the same with the Kronecker rotation (S_8 ⊗ S_16: two 16-wide products)
   int8 codes    kernels.int8.quantize_codes: int8 codes + per-row scale + mask (forward only; the INT8 path's input)
+  triton g=G    kernels.quest_quantize with group scales (--group-size G: one σ per G elements of the rotated row)
   torch         quantizers.hadamard_transform + estimators "trust" over quantizers "gaussian_mse"
+  torch g=G     the reference with quantizers.build("gaussian_mse", 4, group_size=G) (--group-size G)
   torch.compile the same reference function compiled (--compile)
   copy          y.copy_(x) on the same tensor: the memory floor (read + write of one bf16 tensor)
 Each cell is a ratio to the copy timed the same way in the same run, on random normal data: "eager" is the median of
 triton.testing.do_bench (CPU launch overhead included: autograd and Python dispatch can hide the GPU time of small
 calls), "graph" the median of triton.testing.do_bench_cudagraph (GPU time alone, launches replayed from a CUDA graph).
 
-    PYTHONPATH=. python bench/bench_quantizer.py [--compile] [--no-torch]
+    PYTHONPATH=. python bench/bench_quantizer.py [--compile] [--no-torch] [--group-size G ...]
 """
 
 import argparse
@@ -28,8 +30,8 @@ SHAPES = [(16384, 640), (16384, 2048), (16384, 4096), (65536, 2048)]
 BITS = 4
 
 
-def reference_quantizer():
-    estimator = estimators.build("trust", quantizer=quantizers.build("gaussian_mse", bits=BITS))
+def reference_quantizer(group_size=None):
+    estimator = estimators.build("trust", quantizer=quantizers.build("gaussian_mse", bits=BITS, group_size=group_size))
     return lambda x: estimator(quantizers.hadamard_transform(x))
 
 
@@ -72,14 +74,19 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time the reference under torch.compile")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference path")
     parser.add_argument("--shapes", nargs="*", default=[f"{r}x{c}" for r, c in SHAPES], help="ROWSxCOLS ...")
+    parser.add_argument("--group-size", type=int, nargs="*", default=[], help="also time group scales (16-128)")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
     reference = reference_quantizer()
     paths = {"triton": triton_quantizer, "triton dense": forced("dense"), "triton kron": forced("kron")}
     paths["int8 codes"] = codes_quantizer
+    for g in args.group_size:
+        paths[f"triton g={g}"] = lambda x, g=g: kernels.quest_quantize(x, bits=BITS, group_size=g)
     if not args.no_torch:
         paths["torch"] = reference
+        for g in args.group_size:
+            paths[f"torch g={g}"] = reference_quantizer(g)
     if args.compile:
         paths["torch.compile"] = torch.compile(reference, dynamic=False)
     print("| shape (bf16) | path | fwd eager | fwd graph | fwd+bwd eager | fwd+bwd graph |")

@@ -1,10 +1,11 @@
-"""Fused Triton kernels for the QuEST quantizer: block-128 Hadamard, RMS scale, grid rounding and trust / clip mask in
-one pass forward; masked transposed Hadamard in one pass backward (METHOD.md §1.3-1.8, §8 "Triton kernels").
+"""Fused Triton kernels for the QuEST quantizer: block-128 Hadamard, RMS scale (per row, or per group of 16-128 elements
+inside the block), grid rounding and trust / clip mask in one pass forward; masked transposed Hadamard in one pass
+backward (METHOD.md §1.3-1.8, §8 "Triton kernels").
 
 Public API:
   fused_quantize(x, ...) -> (values, mask)  values in the rotated basis (x's dtype), mask bool, True = gradient passes
   quest_quantize(x, ...) -> values          the same forward with the QuEST backward: grad_x = (grad ⊙ mask)·H
-  is_supported(grid, bits, estimator, width, device) -> (ok, reason)
+  is_supported(grid, bits, estimator, width, device, hadamard, group_size) -> (ok, reason)
   unpack_mask(packed, width) -> bool mask   the kernel stores masks bit-packed (column j in bit j % 8 of byte j // 8)
 The INT8 forward (int8 codes + per-row scales, INT8 GEMM, `int_matmul`) lives in `quest_pl.kernels.int8`.
 
@@ -24,12 +25,16 @@ import torch
 
 from quest_pl.quantizers import OPTIMAL_GAUSSIAN_SCALES, build
 
-__all__ = ["fused_quantize", "is_supported", "quest_quantize", "unpack_mask"]
+__all__ = ["GROUP_SIZES", "fused_quantize", "is_supported", "quest_quantize", "unpack_mask"]
 
 GRIDS = ("gaussian_mse", "fp4")
 ESTIMATORS = ("trust", "clip")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 HADAMARD_BLOCK = 128
+GROUP_SIZES = (16, 32, 64, 128)
+"""Group sizes of the fused forward (`group_size`): each group lies inside one 128-column block, so its σ comes from
+the block's rotated values in registers. Larger groups, other Hadamard blocks and the block formats' rounded scales
+(mxfp4, nvfp4) use the PyTorch path."""
 # Default τ per (grid, bits), the reference grids' own (half a step on gaussian_mse, α_b/(n-1); half the outermost gap
 # on fp4, a). A table built at import (about 2 ms), so that compiled code never builds a grid.
 DEFAULT_TRUST = {("gaussian_mse", b): build("gaussian_mse", bits=b).default_trust for b in OPTIMAL_GAUSSIAN_SCALES}
@@ -52,19 +57,31 @@ def _config_error(grid: str, bits: int, estimator: str) -> str | None:
     return None
 
 
-def _width_error(width: int, hadamard: bool) -> str | None:
+def _width_error(width: int, hadamard: bool, group_size: int | None = None) -> str | None:
     if width < 1:
         return f"quantized dimension must be non-empty, got width {width}"
     if hadamard and width % HADAMARD_BLOCK:
         return f"block-{HADAMARD_BLOCK} Hadamard needs the last dimension to be a multiple of 128, got {width}"
+    if group_size is not None:
+        if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
+            sizes = ", ".join(map(str, GROUP_SIZES))
+            return f"the fused kernel's group sizes are {sizes} (or per row), got group_size={group_size!r}"
+        if width % group_size:
+            return f"group_size={group_size} does not divide the last dimension {width}"
     return None
 
 
 def is_supported(
-    grid: str, bits: int, estimator: str, width: int, device: torch.device | str, hadamard: bool = True
+    grid: str,
+    bits: int,
+    estimator: str,
+    width: int,
+    device: torch.device | str,
+    hadamard: bool = True,
+    group_size: int | None = None,
 ) -> tuple[bool, str]:
     """Whether `fused_quantize` can run this configuration on `device`: (True, "ok"), or False and a one-line reason."""
-    reason = _config_error(grid, bits, estimator) or _width_error(width, hadamard)
+    reason = _config_error(grid, bits, estimator) or _width_error(width, hadamard, group_size)
     if reason:
         return False, reason
     device_type = torch.device(device).type
@@ -81,9 +98,12 @@ def is_supported(
     return True, "ok"
 
 
-def _resolve(x: torch.Tensor, bits: int, grid: str, hadamard: bool, estimator: str, trust, clip_scale) -> float:
+def _resolve(
+    x: torch.Tensor, bits: int, grid: str, hadamard: bool, estimator: str, trust, clip_scale, group_size=None
+) -> float:
     """Validate the call at the boundary; return the trust threshold τ (in σ units)."""
-    reason = _config_error(grid, bits, estimator) or _width_error(x.shape[-1] if x.dim() else 0, hadamard)
+    width = x.shape[-1] if x.dim() else 0
+    reason = _config_error(grid, bits, estimator) or _width_error(width, hadamard, group_size)
     if reason:
         raise ValueError(reason)
     if x.dtype not in DTYPES:
@@ -92,9 +112,16 @@ def _resolve(x: torch.Tensor, bits: int, grid: str, hadamard: bool, estimator: s
 
 
 def _quantize_impl(
-    x: torch.Tensor, grid: str, bits: int, hadamard: bool, estimator: str, trust: float, clip_scale: float
+    x: torch.Tensor,
+    grid: str,
+    bits: int,
+    hadamard: bool,
+    estimator: str,
+    trust: float,
+    clip_scale: float,
+    group_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, packed mask (..., ceil(d/8)) uint8) for x (..., d)."""
+    """(values, packed mask (..., ceil(d/8)) uint8) for x (..., d); `group_size` None: one scale per row."""
     if x.device.type == "cpu" and not _interpreting():
         raise RuntimeError(
             "kernels: CPU tensors run only under Triton's interpreter; set TRITON_INTERPRET=1 before Triton is "
@@ -112,6 +139,7 @@ def _quantize_impl(
         estimator=estimator,
         trust=trust,
         clip_scale=clip_scale,
+        group_size=group_size,
     )
     return values.view(x.shape), mask.view(*x.shape[:-1], mask.shape[-1])
 
@@ -133,7 +161,7 @@ _quantize_backward_op = torch.library.custom_op(
 
 
 @_quantize_op.register_fake
-def _quantize_fake(x, grid, bits, hadamard, estimator, trust, clip_scale):
+def _quantize_fake(x, grid, bits, hadamard, estimator, trust, clip_scale, group_size=None):
     return x.new_empty(x.shape), x.new_empty((*x.shape[:-1], (x.shape[-1] + 7) // 8), dtype=torch.uint8)
 
 
@@ -150,7 +178,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_values, grad_mask):
     (mask,) = ctx.saved_tensors
     grad_x = torch.ops.quest_kernels.quantize_backward(grad_values, mask, ctx.hadamard)
-    return grad_x, None, None, None, None, None, None
+    return grad_x, None, None, None, None, None, None, None
 
 
 _quantize_op.register_autograd(_backward, setup_context=_setup_context)
@@ -161,8 +189,8 @@ class _QuestQuantize(torch.autograd.Function):
     small kernel's run time."""
 
     @staticmethod
-    def forward(ctx, x, grid, bits, hadamard, estimator, trust, clip_scale):
-        values, mask = _quantize_impl(x, grid, bits, hadamard, estimator, trust, clip_scale)
+    def forward(ctx, x, grid, bits, hadamard, estimator, trust, clip_scale, group_size):
+        values, mask = _quantize_impl(x, grid, bits, hadamard, estimator, trust, clip_scale, group_size)
         ctx.hadamard = hadamard
         ctx.save_for_backward(mask)
         ctx.mark_non_differentiable(mask)
@@ -171,7 +199,7 @@ class _QuestQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_values):
         (mask,) = ctx.saved_tensors
-        return _quantize_backward_impl(grad_values, mask, ctx.hadamard), None, None, None, None, None, None
+        return _quantize_backward_impl(grad_values, mask, ctx.hadamard), None, None, None, None, None, None, None
 
 
 def unpack_mask(packed: torch.Tensor, width: int) -> torch.Tensor:
@@ -189,6 +217,7 @@ def fused_quantize(
     estimator: str = "trust",
     trust: float | None = None,
     clip_scale: float = 1.0,
+    group_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize each row of x (last dim) in the rotated basis x_h = x·H (block-128, when `hadamard`).
 
@@ -196,11 +225,13 @@ def fused_quantize(
     gaussian_mse s = α_b σ̂, Δ = 2s/(n-1), values (clamp(floor(x_h/Δ), -n/2, n/2-1) + ½)Δ (§1.3); fp4 nearest of
     σ̂·a·{0, ±.5, ±1, ±1.5, ±2, ±3, ±4, ±6}, s = 6aσ̂ (§1.6). Mask (True = gradient passes): trust |values - x_h| <= τσ
     (default τ: the grid's; all-zero rows pass), clip |x_h| <= c·s (§1.4).
+    `group_size` g (one of `GROUP_SIZES`): σ, s and the trust threshold per group of g consecutive elements of x_h,
+    as `quantizers.build(grid, bits, group_size=g)` (all-zero groups pass); None: per row.
     Returns values in x's dtype (rotated basis, not rotated back: the "Half" form of §1.8) and the bool mask.
     """
-    trust = _resolve(x, bits, grid, hadamard, estimator, trust, clip_scale)
+    trust = _resolve(x, bits, grid, hadamard, estimator, trust, clip_scale, group_size)
     quantize = torch.ops.quest_kernels.quantize if torch.compiler.is_compiling() else _quantize_impl
-    values, packed = quantize(x, grid, bits, hadamard, estimator, trust, float(clip_scale))
+    values, packed = quantize(x, grid, bits, hadamard, estimator, trust, float(clip_scale), group_size)
     return values, unpack_mask(packed, x.shape[-1])
 
 
@@ -212,10 +243,12 @@ def quest_quantize(
     estimator: str = "trust",
     trust: float | None = None,
     clip_scale: float = 1.0,
+    group_size: int | None = None,
 ) -> torch.Tensor:
     """`fused_quantize`'s values, differentiable: grad_x = (grad ⊙ mask)·H (H symmetric), i.e. the gradient of the
     detach carrier x_h⊙m + sg(q − x_h⊙m) of §0/§1.8. Saves only the bit-packed mask for the backward."""
-    trust = _resolve(x, bits, grid, hadamard, estimator, trust, clip_scale)
+    trust = _resolve(x, bits, grid, hadamard, estimator, trust, clip_scale, group_size)
+    args = (x, grid, bits, hadamard, estimator, trust, float(clip_scale), group_size)
     if torch.compiler.is_compiling():
-        return torch.ops.quest_kernels.quantize(x, grid, bits, hadamard, estimator, trust, float(clip_scale))[0]
-    return _QuestQuantize.apply(x, grid, bits, hadamard, estimator, trust, float(clip_scale))
+        return torch.ops.quest_kernels.quantize(*args)[0]
+    return _QuestQuantize.apply(*args)

@@ -7,7 +7,9 @@ Forward, two variants with the same arithmetic:
   resident   rows of up to `MAX_RESIDENT_BLOCKS`·128 columns: a program loads `BLOCK_M` whole rows as one
              (BLOCK_M·NB, 128) tile of Hadamard blocks, so each element is read from memory once;
   two-pass   wider rows: pass 1 sums x² over the row, pass 2 re-reads it (from L2) block by block.
-Both take σ = RMS(x) = RMS(x·H) (H orthonormal), so the reduction needs no matrix product; then per 128-column block:
+Both take σ = RMS(x) = RMS(x·H) (H orthonormal), so the reduction needs no matrix product; with group scales
+(GROUP = g in 16..128: one σ per g consecutive columns of x_h, each group inside one 128-column block) σ comes from
+the block's rotated values in registers instead, and the two-pass kernel skips its first pass. Per 128-column block:
 x_h = x·H on the tensor cores with fp32 accumulation, the grid, the trust / clip mask, the dequantized values stored in
 x's dtype (rotated basis) and the mask bit-packed (column j in bit j % 8 of byte j // 8).
 
@@ -21,7 +23,7 @@ Exact Hadamard: H = S/√128 with S the ±1 Sylvester matrix. A bf16 / fp16 elem
 tensor-core product with S accumulated in fp32 is the fp32 sum; fp32 inputs are split into three bf16 parts
 (hi + mid + lo = x exactly) for the same result. Everything after the rotation is fp32.
 
-Versus the PyTorch reference (`quantizers`): σ is summed in another order and from x instead of x_h, and x/Δ is
+Versus the PyTorch reference (`quantizers`): σ is summed in another order (per row: from x instead of x_h), and x/Δ is
 x·(1/Δ); each moves a value by about an fp32 ulp, so a code differs only for the ~1e-7 of elements that lie within an
 ulp of a decision boundary.
 """
@@ -32,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from quest_pl.kernels import GROUP_SIZES
 from quest_pl.quantizers import RMS_EPS
 from quest_pl.quantizers.fp4 import FP4_SCALE
 
@@ -159,6 +162,18 @@ def _unpack_bits(packed, R: tl.constexpr):
 
 
 @triton.jit
+def _group_rms(xh, R: tl.constexpr, GROUP: tl.constexpr):
+    """Per-group σ = sqrt(mean(x_h²)) over each run of GROUP consecutive columns of an (R, 128) fp32 tile, broadcast
+    back to (R, 128): the scale statistic of a grid with `group_size` = GROUP (groups inside the Hadamard block).
+    Times 1/GROUP (a power of two: exact, = the division) and the IEEE square root: only the sum's order differs from
+    `quantizers.base.row_rms`."""
+    NG: tl.constexpr = 128 // GROUP
+    sumsq = tl.sum(tl.reshape(xh * xh, (R, NG, GROUP)), axis=2)
+    rms = tl.sqrt_rn(sumsq * (1.0 / GROUP))
+    return tl.reshape(tl.broadcast_to(rms[:, :, None], (R, NG, GROUP)), (R, 128))
+
+
+@triton.jit
 def _fp4_level(az, pos, boundary, level, mag):
     # Nearest-level rounding with ties to the larger level (torch.bucketize(right=True) in `quantizers.levels`).
     return tl.where((az > boundary) | (pos & (az == boundary)), level, mag)
@@ -168,7 +183,8 @@ def _fp4_level(az, pos, boundary, level, mag):
 def _quantize_tile(xh, rms, scale_coef, trust, clip_scale, GRID: tl.constexpr, N_LEVELS: tl.constexpr,
                    ESTIMATOR: tl.constexpr, A: tl.constexpr):  # fmt: skip
     """Grid values, gradient mask (int32 0/1), odd integer codes 2k + 1 and the half step Δ/2 (gaussian_mse; zeros
-    and σ̂ on fp4) for an fp32 tile x_h, rms broadcastable to it (METHOD.md §1.3-1.6). values = codes · Δ/2 exactly."""
+    and σ̂ on fp4) for an fp32 tile x_h, rms broadcastable to it: per row, or per element with group scales
+    (METHOD.md §1.3-1.6). values = codes · Δ/2 exactly."""
     sigma_hat = tl.maximum(rms, _RMS_EPS)
     if GRID == 0:
         # gaussian_mse: s = α_b σ̂, Δ = 2s/(n-1), k = clamp(floor(x_h/Δ), -n/2, n/2-1), values (k + ½)Δ.
@@ -211,10 +227,11 @@ def _quantize_fwd_resident_kernel(
     scale_coef, trust, clip_scale,
     GRID: tl.constexpr, N_LEVELS: tl.constexpr, ESTIMATOR: tl.constexpr, A: tl.constexpr, HADAMARD: tl.constexpr,
     DOT_MODE: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_M: tl.constexpr, NB: tl.constexpr,
-    ROTATION: tl.constexpr, CODES: tl.constexpr,
+    ROTATION: tl.constexpr, CODES: tl.constexpr, GROUP: tl.constexpr = 0,
 ):  # fmt: skip
     """BLOCK_M whole rows per program as a (BLOCK_M·NB, 128) tile: tile row r is block r % NB of row r // NB.
-    CODES: values_ptr receives the int8 codes 2k + 1 and scales_ptr the per-row fp32 Δ/2 instead of the values."""
+    CODES: values_ptr receives the int8 codes 2k + 1 and scales_ptr the per-row fp32 Δ/2 instead of the values.
+    GROUP > 0: one scale per GROUP columns of x_h (σ of the group), else one per row."""
     R: tl.constexpr = BLOCK_M * NB
     r = tl.arange(0, R)
     rows = tl.program_id(0) * BLOCK_M + r // NB
@@ -224,14 +241,16 @@ def _quantize_fwd_resident_kernel(
     x = tl.load(x_ptr + rows64 * stride_xm + cols * stride_xn, mask=ok, other=0.0)
 
     xf = x.to(tl.float32)
-    block_sumsq = tl.reshape(tl.sum(xf * xf, axis=1), (BLOCK_M, NB))
-    row_sumsq = tl.sum(block_sumsq, axis=1)[:, None]
-    rms = tl.sqrt(tl.reshape(tl.broadcast_to(row_sumsq, (BLOCK_M, NB)), (R,)) / n_cols)[:, None]
-
     if HADAMARD:
         xh = _rotate(x, _dot_signs(x_ptr.dtype.element_ty, DOT_MODE, ROTATION), DOT_MODE, ROTATION)
     else:
         xh = xf
+    if GROUP > 0:
+        rms = _group_rms(xh, R, GROUP)
+    else:
+        block_sumsq = tl.reshape(tl.sum(xf * xf, axis=1), (BLOCK_M, NB))
+        row_sumsq = tl.sum(block_sumsq, axis=1)[:, None]
+        rms = tl.sqrt(tl.reshape(tl.broadcast_to(row_sumsq, (BLOCK_M, NB)), (R,)) / n_cols)[:, None]
     values, keep, odd, half_step = _quantize_tile(xh, rms, scale_coef, trust, clip_scale, GRID, N_LEVELS, ESTIMATOR, A)
     keep = keep & ok
 
@@ -253,21 +272,25 @@ def _quantize_fwd_two_pass_kernel(
     scale_coef, trust, clip_scale,
     GRID: tl.constexpr, N_LEVELS: tl.constexpr, ESTIMATOR: tl.constexpr, A: tl.constexpr, HADAMARD: tl.constexpr,
     DOT_MODE: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_M: tl.constexpr,
-    ROTATION: tl.constexpr, CODES: tl.constexpr,
+    ROTATION: tl.constexpr, CODES: tl.constexpr, GROUP: tl.constexpr = 0,
 ):  # fmt: skip
-    """BLOCK_M rows per program of any width: a sum-of-squares pass, then a quantize pass over 128-column blocks."""
+    """BLOCK_M rows per program of any width: a sum-of-squares pass, then a quantize pass over 128-column blocks.
+    GROUP > 0: no first pass; each block's group scales come from its rotated values."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = (rows < n_rows)[:, None]
     rows64 = rows.to(tl.int64)[:, None]
     block_cols = tl.arange(0, 128)[None, :]
     x_rows = x_ptr + rows64 * stride_xm
 
-    sumsq = tl.zeros((BLOCK_M, 128), dtype=tl.float32)
-    for col0 in range(0, n_cols, 128):
-        cols = col0 + block_cols
-        x = tl.load(x_rows + cols * stride_xn, mask=row_ok & (cols < n_cols), other=0.0).to(tl.float32)
-        sumsq += x * x
-    rms = tl.sqrt(tl.sum(sumsq, axis=1) / n_cols)[:, None]
+    if GROUP == 0:
+        sumsq = tl.zeros((BLOCK_M, 128), dtype=tl.float32)
+        for col0 in range(0, n_cols, 128):
+            cols = col0 + block_cols
+            x = tl.load(x_rows + cols * stride_xn, mask=row_ok & (cols < n_cols), other=0.0).to(tl.float32)
+            sumsq += x * x
+        row_rms = tl.sqrt(tl.sum(sumsq, axis=1) / n_cols)[:, None]
+    else:
+        row_rms = tl.zeros((BLOCK_M, 1), dtype=tl.float32)
 
     if HADAMARD:
         signs = _dot_signs(x_ptr.dtype.element_ty, DOT_MODE, ROTATION)
@@ -279,6 +302,10 @@ def _quantize_fwd_two_pass_kernel(
             xh = _rotate(x, signs, DOT_MODE, ROTATION)
         else:
             xh = x.to(tl.float32)
+        if GROUP > 0:
+            rms = _group_rms(xh, BLOCK_M, GROUP)
+        else:
+            rms = row_rms
         values, keep, odd, half_step = _quantize_tile(xh, rms, scale_coef, trust, clip_scale, GRID, N_LEVELS,
                                                       ESTIMATOR, A)  # fmt: skip
         keep = keep & ok
@@ -348,6 +375,7 @@ def quantize_forward(
     trust: float,
     clip_scale: float,
     codes: bool = False,
+    group_size: int | None = None,
     rotation: str | None = None,
     resident: bool | None = None,
     tile_rows: int | None = None,
@@ -356,13 +384,16 @@ def quantize_forward(
 ) -> tuple[torch.Tensor, ...]:
     """x2d (rows, cols), any strides -> (values (rows, cols) in x's dtype, packed mask (rows, ceil(cols/8)) uint8);
     with `codes` (gaussian_mse only) -> (int8 codes 2k + 1 (rows, cols), packed mask, fp32 Δ/2 per row (rows,)),
-    values = codes · Δ/2.
+    values = codes · Δ/2. `group_size` (one of `GROUP_SIZES`, dividing cols): one scale per group of that many
+    consecutive columns of x_h instead of one per row (not with `codes`, whose scales are per row).
 
     `rotation` ("dense" or "kron", default `ROTATION`), `resident`, `tile_rows` and `num_warps` override the launch
     heuristics; `out` takes preallocated contiguous outputs (tests poison them to catch unwritten elements)."""
     n_rows, n_cols = x2d.shape
     if codes and (grid != "gaussian_mse" or n_levels > 128):
         raise ValueError(f"int8 codes need a gaussian_mse grid of at most 7 bits, got {grid} with {n_levels} levels")
+    if group_size is not None and (group_size not in GROUP_SIZES or n_cols % group_size or codes):
+        raise ValueError(f"group_size={group_size!r}: expected one of {GROUP_SIZES} dividing {n_cols}, without codes")
     if out is None:
         values = torch.empty((n_rows, n_cols), dtype=torch.int8 if codes else x2d.dtype, device=x2d.device)
         mask = torch.empty((n_rows, (n_cols + 7) // 8), dtype=torch.uint8, device=x2d.device)
@@ -385,6 +416,7 @@ def quantize_forward(
         DOT_MODE=_dot_mode(x2d.dtype),
         ROUND_BF16=_round_bf16(x2d.dtype),
         CODES=codes,
+        GROUP=group_size or 0,
     )
     args = (x2d, values, mask, scales, n_rows, n_cols, x2d.stride(0), x2d.stride(1), values.stride(0), mask.stride(0))
     args += (scale_coef, trust, clip_scale)

@@ -22,7 +22,7 @@ Public API:
   quantize_codes(x, ...)        (int8 codes, bit-packed mask, fp32 Δ/2 per row): the fused quantizer's codes form
   dequantize(codes, scales, dtype)               codes · Δ/2, the fake-quantized values
   quest_int8_linear(x, weight, act, weight_args) the differentiable W·A INT8 linear (custom op under torch.compile)
-  int8_unsupported(grid, bits, estimator) -> reason or None
+  int8_unsupported(grid, bits, estimator, group_size) -> reason or None
 """
 
 from __future__ import annotations
@@ -47,14 +47,17 @@ MAX_EXACT_K = 2**31 // (127 * 127)  # int32 accumulation of 7-bit codes cannot o
 _INT_MM_MIN_ROWS = 17  # torch._int_mm on CUDA: rows > 16, K and N multiples of 8
 
 
-def int8_unsupported(grid: str, bits, estimator: str) -> str | None:
-    """Why the INT8 forward cannot serve an operand quantized this way, or None if it can."""
+def int8_unsupported(grid: str, bits, estimator: str, group_size: int | None = None) -> str | None:
+    """Why the INT8 forward cannot serve an operand quantized this way, or None if it can. Group scales cannot: the
+    GEMM's epilogue multiplies each output by one scale per row of each operand (a group scale varies along K)."""
     if grid != "gaussian_mse":
         return f"the int8 matmul needs a centered integer grid (gaussian_mse), got {grid!r}"
     if bits not in OPTIMAL_GAUSSIAN_SCALES or bits > MAX_BITS:
         return f"the int8 matmul needs at most {MAX_BITS} bits (odd codes up to 127), got {bits!r}"
     if estimator not in _kernels.ESTIMATORS:
         return f"estimator {estimator!r} has no kernel (supported: {', '.join(_kernels.ESTIMATORS)})"
+    if group_size is not None:
+        return f"the int8 matmul needs one scale per row of each operand (its epilogue), got group_size={group_size!r}"
     return None
 
 
@@ -129,10 +132,12 @@ def quantize_codes(
     estimator: str = "trust",
     trust: float | None = None,
     clip_scale: float = 1.0,
+    group_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused quantizer's codes form for x (..., K): (int8 codes 2k + 1 (..., K), bit-packed mask (..., ceil(K/8))
-    uint8, fp32 Δ/2 (...)), with ``dequantize(codes, scales)`` equal to ``kernels.fused_quantize``'s values in fp32."""
-    reason = int8_unsupported(grid, bits, estimator)
+    uint8, fp32 Δ/2 (...)), with ``dequantize(codes, scales)`` equal to ``kernels.fused_quantize``'s values in fp32.
+    Takes ``kernels.quest_quantize``'s keywords; ``group_size`` must be None (per-row scales: ``int8_unsupported``)."""
+    reason = int8_unsupported(grid, bits, estimator, group_size)
     if reason:
         raise ValueError(reason)
     trust = _kernels._resolve(x, bits, grid, hadamard, estimator, trust, clip_scale)
@@ -267,7 +272,7 @@ class _Int8Linear(torch.autograd.Function):
 def _operand_args(args: dict, x: torch.Tensor) -> tuple:
     """(bits, estimator, τ, clip_scale) from a ``kernels.quest_quantize`` keyword dict, validated."""
     bits, grid, estimator = args.get("bits", 4), args.get("grid", "gaussian_mse"), args.get("estimator", "trust")
-    reason = int8_unsupported(grid, bits, estimator)
+    reason = int8_unsupported(grid, bits, estimator, args.get("group_size"))
     if reason:
         raise ValueError(reason)
     hadamard = args.get("hadamard", True)
@@ -281,8 +286,8 @@ def quest_int8_linear(
     """y = Q(x H) Q(W H)^T through the INT8 GEMM, differentiable with the QuEST backward of both operands.
 
     ``act`` / ``weight_args``: ``kernels.quest_quantize`` keyword dicts (bits, grid, hadamard, estimator, trust,
-    clip_scale) of a centered integer grid (``int8_unsupported``); both must agree on ``hadamard``. x (..., K) and
-    weight (N, K) in any float dtype (an fp32 master weight is read once, no bf16 copy); the output is in
+    clip_scale; group_size None) of a centered integer grid (``int8_unsupported``); both must agree on ``hadamard``.
+    x (..., K) and weight (N, K) in any float dtype (an fp32 master weight is read once, no bf16 copy); the output is in
     ``out_dtype`` (default: autocast's dtype inside autocast, else x's)."""
     hadamard = bool(act.get("hadamard", True))
     if bool(weight_args.get("hadamard", True)) != hadamard:

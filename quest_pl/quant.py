@@ -250,8 +250,8 @@ class QuantConfig:
 
 
 def _int8_config_error(specs: dict, kernel: str) -> str | None:
-    """Why the INT8 forward GEMM cannot serve these operands (both quantized, centered integer grid <= 7 bits, a
-    kernel estimator, kernels allowed), or None."""
+    """Why the INT8 forward GEMM cannot serve these operands (both quantized, centered integer grid <= 7 bits with one
+    scale per row, a kernel estimator, kernels allowed), or None."""
     from quest_pl.kernels.int8 import int8_unsupported
 
     if specs["w"] is None or specs["a"] is None:
@@ -259,7 +259,7 @@ def _int8_config_error(specs: dict, kernel: str) -> str | None:
     if kernel == "torch":
         return "it runs on the fused kernels, and quant.kernel=torch turns them off"
     for op, spec in specs.items():
-        reason = int8_unsupported(spec.grid, spec.bits, spec.estimator)
+        reason = int8_unsupported(spec.grid, spec.bits, spec.estimator, spec.build_grid().group_size)
         if reason:
             return f"{'weight' if op == 'w' else 'activation'}: {reason}"
     return None
@@ -481,13 +481,16 @@ def kernel_unsupported(
     """Why the fused Triton kernel cannot serve this operand here (``kernels.is_supported``), or None if it can."""
     from quest_pl import kernels
 
-    if spec.build_grid().group_size is not None:
-        return "group scales (quant.group_size, mxfp4, nvfp4) are not in the fused kernel"
+    grid = spec.build_grid()
+    if grid.fixed_group_size is not None:
+        return f"the block format {spec.grid}'s rounded group scales are not in the fused kernel"
     if hadamard and hadamard_block != quantizers.HADAMARD_BLOCK:
         return f"the fused kernel's Hadamard block is {quantizers.HADAMARD_BLOCK}, not {hadamard_block}"
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    ok, reason = kernels.is_supported(spec.grid, spec.bits, spec.estimator, width, device, hadamard=hadamard)
+    ok, reason = kernels.is_supported(
+        spec.grid, spec.bits, spec.estimator, width, device, hadamard=hadamard, group_size=grid.group_size
+    )
     return None if ok else reason
 
 
@@ -514,6 +517,7 @@ def _kernel_args(cfg: QuantConfig, spec: OperandSpec | None, width: int) -> dict
         estimator=spec.estimator,
         trust=spec.options.get("trust"),
         clip_scale=spec.options.get("clip_scale", 1.0),
+        group_size=spec.build_grid().group_size,
     )
 
 

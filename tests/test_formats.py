@@ -351,6 +351,20 @@ def test_config_group_must_divide_widths_and_kernel_falls_back():
     assert "group scales" in kernel_unsupported(cfg.weight, 128, True, 16)
     per_row = QuantConfig.from_cfg(quant_cfg(hadamard_block=32), None)
     assert "Hadamard block" in kernel_unsupported(per_row.weight, 128, True, 32)
+    for g in (16, 32, 64, 128):  # group RMS scales inside the 128-block are in the fused kernel
+        for grid in ("gaussian_mse", "fp4"):
+            spec = QuantConfig.from_cfg(quant_cfg(grid=grid, group_size=g), None).weight
+            assert kernel_unsupported(spec, 256, True) is None, (grid, g)
+    assert "group_size=256" in kernel_unsupported(
+        QuantConfig.from_cfg(quant_cfg(group_size=256), None).weight, 512, True
+    )
+    assert "no kernel" in kernel_unsupported(
+        QuantConfig.from_cfg(quant_cfg(grid="uniform", group_size=32), None).act, 128, True
+    )
+    mx = QuantConfig.from_cfg(quant_cfg(grid="mxfp4"), None).weight
+    assert "mxfp4's rounded group scales" in kernel_unsupported(mx, 128, True)
+    with pytest.raises(ConfigError, match=r"quant\.kernel=triton.*group_size=256"):
+        QuantConfig.from_cfg(quant_cfg(group_size=256, kernel="triton"), None)
 
 
 @pytest.mark.parametrize("grid", ["mxfp4", "nvfp4"])

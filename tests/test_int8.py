@@ -185,10 +185,33 @@ def test_quant_linear_auto_is_bf16_on_cpu():
     assert _layer().matmul == ("int8" if torch.cuda.is_available() else "bf16")
 
 
+def test_group_scales_resolve_to_the_bf16_matmul(monkeypatch):
+    """The INT8 epilogue scales whole rows of each operand, so group-scaled operands (served by the fused kernel)
+    take the bf16 matmul even where auto would pick int8; asking for int8 is a config error."""
+    monkeypatch.setattr(int8, "cuda_int8_available", lambda device=None: True)  # auto as on an sm_80+ GPU
+    per_row, grouped = _layer("quant.matmul=auto"), _layer("quant.matmul=auto", "quant.group_size=32")
+    assert per_row.matmul == "int8" and grouped.matmul == "bf16"
+    assert grouped.kernel_args["act"]["group_size"] == grouped.kernel_args["weight"]["group_size"] == 32
+    assert "one scale per row" in int8.int8_unsupported("gaussian_mse", 4, "trust", group_size=32)
+    with pytest.raises(ValueError, match="group_size=32"):
+        int8.quantize_codes(_randn((2, 128), seed=1), group_size=32)
+    with pytest.raises(ValueError, match="group_size=32"):
+        int8.quest_int8_linear(_randn((2, 128), seed=1), _randn((8, 128), seed=2), dict(ARGS, group_size=32), ARGS)
+    x = _randn((3, 256), seed=5)
+    torch.testing.assert_close(grouped(x), F.linear(*(_group_operand(t) for t in (x, grouped.weight))))
+
+
+def _group_operand(t):
+    """The grouped fake-quantized operand of the PyTorch path: g = 32 scales of H·t, default trust."""
+    grid = quantizers.build("gaussian_mse", bits=4, group_size=32)
+    return grid(quantizers.hadamard_transform(t.detach().float()))
+
+
 @pytest.mark.parametrize(
     ("overrides", "needle"),
     [
         (["quant.matmul=fp8"], "quant.matmul='fp8': expected one of auto, int8, bf16"),
+        (["quant.group_size=32", "quant.matmul=int8"], "one scale per row of each operand"),
         (["quant=fp4", "quant.matmul=int8"], "centered integer grid"),
         (["quant.bits=8", "quant.matmul=int8"], "at most 7 bits"),
         (["quant=quest_w4a16", "quant.matmul=int8"], "both operands"),

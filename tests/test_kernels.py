@@ -153,6 +153,102 @@ def test_all_zero_row():
         assert torch.equal(values[1], ref_values[1]) and mask[1].all() and ref_mask[1].all()
 
 
+GROUP_CONFIGS = [
+    ("gaussian_mse", 1, "clip", {"clip_scale": 1.3}, torch.float32),
+    ("gaussian_mse", 2, "trust", {}, torch.bfloat16),
+    ("gaussian_mse", 4, "trust", {}, torch.float16),
+    ("gaussian_mse", 4, "clip", {}, torch.float32),
+    ("fp4", 4, "trust", {"trust": 0.3}, torch.bfloat16),
+]
+# (rows, cols): resident kernel (power-of-two blocks) and two-pass kernel (3 or 5 blocks), awkward row counts.
+GROUP_SHAPES = [(1, 128), (7, 256), (3, 384), (17, 640)]
+
+
+def _group_reference(x, grid, bits, estimator, kwargs, group_size, hadamard=True):
+    """(values in x's dtype, bool mask) of `quantizers.build(grid, bits, group_size=g)` wrapped by the estimator, on
+    the fp32 rotation: σ, the scale and the trust threshold per group of g elements of x_h."""
+    x32 = x.float()
+    xh = quantizers.hadamard_transform(x32) if hadamard else x32
+    est = estimators.build(estimator, quantizer=quantizers.build(grid, bits=bits, group_size=group_size), **kwargs)
+    out = est.quantizer.quantize(xh)
+    mask = est.pass_mask(est.quantizer.rows(xh), out)
+    return out.values.reshape(x.shape).to(x.dtype), mask.reshape(x.shape)
+
+
+@pytest.mark.parametrize("group_size", kernels.GROUP_SIZES)
+@pytest.mark.parametrize(("grid", "bits", "estimator", "kwargs", "dtype"), GROUP_CONFIGS, ids=str)
+def test_group_scales_match_reference(grid, bits, estimator, kwargs, dtype, group_size):
+    """One scale per group of g elements of x_h (inside the 128-block): the grouped grid's values to rounding, the
+    same mask bit for bit, every element of the poisoned outputs written, in both forward kernels."""
+    for rows, cols in GROUP_SHAPES:
+        x = _randn((rows, cols), dtype, seed=rows * 100 + group_size + bits) * 2.0
+        args = _kernel_args(grid, bits, estimator, kwargs)
+        values, mask, _ = _poisoned_forward(x, group_size=group_size, **args)
+        ref_values, ref_mask = _group_reference(x, grid, bits, estimator, kwargs, group_size)
+        assert not values.isnan().any(), "unwritten (NaN-poisoned) elements"
+        tol = ULPS[dtype] * torch.finfo(dtype).eps * ref_values.float().abs()
+        assert ((values.float() - ref_values.float()).abs() <= tol).all(), (rows, cols)
+        assert torch.equal(mask, ref_mask), (rows, cols)
+        if cols > group_size:  # the group scales are not the row's: some element differs from the per-row grid's
+            assert not torch.equal(values, _reference(x, grid, bits, estimator, kwargs)[0])
+
+
+@pytest.mark.parametrize("group_size", [16, 128])
+def test_group_scales_without_hadamard_and_zero_groups(group_size):
+    """hadamard=False on a width that is not a multiple of 128 (a partial last tile), and all-zero groups: quantized
+    as the reference does (σ̂ = 1e-30) and, under trust, keeping their gradient."""
+    x = _randn((5, 3 * 128 + 2 * group_size), torch.float32, seed=17 + group_size)
+    x[1, group_size : 2 * group_size] = 0.0  # one zero group (not rotated)
+    x[3] = 0.0
+    args = _kernel_args("gaussian_mse", 4, "trust", {}, hadamard=False)
+    values, mask, _ = _poisoned_forward(x, group_size=group_size, **args)
+    ref_values, ref_mask = _group_reference(x, "gaussian_mse", 4, "trust", {}, group_size, hadamard=False)
+    _assert_close_values(values, ref_values)
+    assert torch.equal(mask, ref_mask)
+    assert mask[1, group_size : 2 * group_size].all() and mask[3].all() and not mask.all()
+
+    x = _randn((3, 256), torch.float32, seed=18)
+    x[0, 128:] = 0.0  # a zero Hadamard block rotates to zero groups
+    values, mask = kernels.fused_quantize(x, bits=2, group_size=group_size)
+    ref_values, ref_mask = _group_reference(x, "gaussian_mse", 2, "trust", {}, group_size)
+    assert torch.equal(values[0, 128:], ref_values[0, 128:]) and mask[0, 128:].all()
+    assert torch.equal(mask, ref_mask)
+
+
+@pytest.mark.parametrize(("grid", "bits", "estimator", "kwargs"), [CONFIGS[1], CONFIGS[4]], ids=str)
+def test_group_gradient_matches_detach_carrier(grid, bits, estimator, kwargs):
+    """The backward applies the grouped forward's mask: grad_x = (grad ⊙ m_group)·H, through the eager path and
+    through the registered custom op's autograd (its extra group_size argument gets no gradient)."""
+    x = _randn((640, 5), torch.float32, seed=19).t()
+    grad = _randn((5, 640), torch.float32, seed=20)
+    _, ref_mask = _group_reference(x, grid, bits, estimator, kwargs, 32)
+    ref = quantizers.hadamard_transform(grad * ref_mask)
+    x_kernel = x.detach().clone().requires_grad_()
+    kernels.quest_quantize(x_kernel, bits=bits, grid=grid, estimator=estimator, group_size=32, **kwargs).backward(grad)
+    torch.testing.assert_close(x_kernel.grad, ref, rtol=1e-5, atol=1e-6)
+
+    trust = kwargs.get("trust", kernels.DEFAULT_TRUST[grid, bits])
+    x_op = x.detach().clone().requires_grad_()
+    op_args = (grid, bits, True, estimator, trust, kwargs.get("clip_scale", 1.0))
+    values, packed = torch.ops.quest_kernels.quantize(x_op, *op_args, 32)
+    values.backward(grad)
+    torch.testing.assert_close(x_op.grad, ref, rtol=1e-5, atol=1e-6)
+    assert torch.equal(kernels.unpack_mask(packed, 640), ref_mask)
+    per_row = torch.ops.quest_kernels.quantize(x.detach(), *op_args)  # group_size defaults to per row
+    assert torch.equal(per_row[0], kernels.fused_quantize(x, bits=bits, grid=grid, estimator=estimator, **kwargs)[0])
+
+
+def test_group_fake_implementation():
+    """The custom op's fake (shape) implementation accepts the group_size argument and gives the real shapes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(2, 3, 256)
+        values, packed = torch.ops.quest_kernels.quantize(x, "gaussian_mse", 4, True, "trust", 0.1, 1.0, 64)
+        assert values.shape == x.shape and values.dtype == x.dtype
+        assert packed.shape == (2, 3, 32) and packed.dtype == torch.uint8
+
+
 def test_mask_bit_layout():
     """Column j of the mask is bit j % 8 of byte j // 8."""
     packed = torch.tensor([[0b00000101, 0b10000000]], dtype=torch.uint8)
@@ -226,6 +322,14 @@ def test_bad_inputs_raise_value_error():
         kernels.fused_quantize(x, estimator="lsq")
     with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
         kernels.fused_quantize(x.double())
+    with pytest.raises(ValueError, match="group sizes are 16, 32, 64, 128"):
+        kernels.fused_quantize(x, group_size=256)
+    with pytest.raises(ValueError, match="group sizes"):
+        kernels.quest_quantize(x, group_size=8)
+    with pytest.raises(ValueError, match="does not divide"):
+        kernels.fused_quantize(torch.randn(2, 100, device=DEVICE), hadamard=False, group_size=16)
+    with pytest.raises(ValueError, match="without codes"):
+        _triton.quantize_forward(x, codes=True, group_size=32, **_kernel_args("gaussian_mse", 4, "trust", {}))
 
 
 def test_is_supported():
@@ -235,6 +339,11 @@ def test_is_supported():
     assert kernels.is_supported("gaussian_mse", 4, "trust", 200, DEVICE, hadamard=False)[0]
     assert not kernels.is_supported("lloyd_max", 4, "trust", 256, DEVICE)[0]
     assert not kernels.is_supported("gaussian_mse", 4, "lsq", 256, DEVICE)[0]
+    for g in kernels.GROUP_SIZES:
+        assert kernels.is_supported("fp4", 4, "clip", 256, DEVICE, group_size=g) == (True, "ok")
+    ok, reason = kernels.is_supported("gaussian_mse", 4, "trust", 512, DEVICE, group_size=256)
+    assert not ok and "group_size=256" in reason
+    assert not kernels.is_supported("gaussian_mse", 4, "trust", 48, DEVICE, hadamard=False, group_size=32)[0]
 
 
 def test_cpu_without_interpreter_raises(monkeypatch):
@@ -269,11 +378,37 @@ def test_cuda_forward_backward_match_reference(dtype, rotation, monkeypatch):
 
 @pytest.mark.gpu
 @cuda
+@pytest.mark.parametrize("rotation", list(_triton.ROTATIONS))
+@pytest.mark.parametrize("group_size", [16, 128])
+@pytest.mark.parametrize(("grid", "bits", "estimator", "kwargs"), [CONFIGS[2], CONFIGS[4], CONFIGS[6]], ids=str)
+def test_cuda_group_scales_match_reference(grid, bits, estimator, kwargs, group_size, rotation, monkeypatch):
+    """The compiled group path (both forward kernels, bf16 on the tensor cores, both rotations) against the grouped
+    reference."""
+    monkeypatch.setattr(_triton, "ROTATION", rotation)
+    for shape in [(1027, 2048), (515, 640)]:
+        x = _randn(shape, torch.bfloat16, seed=23)
+        values, mask = kernels.fused_quantize(x, bits=bits, grid=grid, estimator=estimator, group_size=group_size,
+                                              **kwargs)  # fmt: skip
+        ref_values, ref_mask = _group_reference(x, grid, bits, estimator, kwargs, group_size)
+        _assert_close_values(values, ref_values)
+        _assert_masks(mask, ref_mask)
+
+        x_kernel = x.clone().requires_grad_()
+        grad = _randn(shape, torch.bfloat16, seed=24)
+        kernels.quest_quantize(x_kernel, bits=bits, grid=grid, estimator=estimator, group_size=group_size,
+                               **kwargs).backward(grad)  # fmt: skip
+        ref = quantizers.hadamard_transform(grad.float() * ref_mask).to(torch.bfloat16).float()
+        assert (x_kernel.grad.float() - ref).norm() / ref.norm() < 2 * torch.finfo(torch.bfloat16).eps
+
+
+@pytest.mark.gpu
+@cuda
 def test_torch_compile_fullgraph():
-    """The custom ops trace without a graph break; compiled values and gradients equal eager ones."""
+    """The custom ops trace without a graph break (per-row and group scales); compiled values and gradients equal
+    eager ones."""
 
     def quest_matmul(x, w):
-        return kernels.quest_quantize(x, bits=4) @ kernels.quest_quantize(w, bits=4).t()
+        return kernels.quest_quantize(x, bits=4) @ kernels.quest_quantize(w, bits=4, group_size=32).t()
 
     x = _randn((256, 512), torch.bfloat16, seed=31).requires_grad_()
     w = _randn((384, 512), torch.bfloat16, seed=32).requires_grad_()

@@ -118,20 +118,23 @@ def test_hadamard_needs_widths_multiple_of_128():
     assert QuantConfig.from_cfg(compose("quant=trust_w4a4").quant, LlamaConfig(**dict(TINY, d_model=192)))
 
 
-@pytest.mark.parametrize("mode", ["half", "full"])
-def test_triton_kernel_path_matches_pytorch_path(mode):
-    """quant.kernel=triton runs the fused kernels (through Triton's interpreter on CPU) in place of H + estimator."""
+@pytest.mark.parametrize(("mode", "group"), [("half", "null"), ("full", "null"), ("half", 32)])
+def test_triton_kernel_path_matches_pytorch_path(mode, group):
+    """quant.kernel=triton runs the fused kernels (through Triton's interpreter on CPU) in place of H + estimator,
+    per row and with group scales (quant.group_size)."""
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     layers = {}
     for kernel in ("torch", "triton"):
-        cfg = quant_cfg("quest_w4a4", f"quant.kernel={kernel}", f"quant.hadamard_mode={mode}")
+        overrides = (f"quant.kernel={kernel}", f"quant.hadamard_mode={mode}", f"quant.group_size={group}")
+        cfg = quant_cfg("quest_w4a4", *overrides)
         model = nn.Sequential(nn.Linear(128, 128, bias=False, device=device))
         model.blocks = [model]  # quantize_model walks model.blocks
         quantize_model(model, cfg)
         layers[kernel] = model[0]
     layers["triton"].weight.data.copy_(layers["torch"].weight.data)
     assert layers["triton"].kernel_args["weight"] is not None and layers["torch"].kernel_args["weight"] is None
+    assert layers["triton"].kernel_args["act"]["group_size"] == (None if group == "null" else group)
     x = torch.randn(5, 128, device=device)
     results = {}
     for kernel, layer in layers.items():

@@ -13,6 +13,16 @@ TINY = dict(vocab_size=2048, n_layer=2, d_model=128, n_head=1, seq_len=32)
 OPTIM = dict(lr=1e-3, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1, quant_lr_scale=1.0, quant_weight_decay=0.0)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread, as ``run.py`` sets (``OMP_NUM_THREADS=1``): on a few shared cores two spinning threads made
+    these tests many times slower whenever another process was busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A Lightning-format checkpoint of a tiny full-precision LMModule (random weights: the probe needs no training)."""

@@ -95,3 +95,26 @@ def test_numbers_stay_numbers_null_makes_strings(tmp_path):
     _, b = hparams.read(dirs[1])
     assert columns == ["arm", "seed", "q.bits", "q.a"]
     assert (a["q.bits"], b["q.bits"], a["q.a"], b["q.a"], b["seed"]) == (4, 1.5, "null", "2", 1)
+
+
+def test_learned_scales_are_logged_as_scalars():
+    """LSQ steps and PACT clip levels: one ``quant_scale/<layer>/weight|act`` scalar each (what a user watches)."""
+    import pytest
+    import torch
+
+    from quest_pl.module import LMModule
+    from quest_pl.probe import quant_group
+    from tests.test_probe import OPTIM, TINY
+
+    for name in ("lsq_w4a4", "pact_w4a4"):
+        module = LMModule(TINY, OPTIM, quant=quant_group(name))
+        with torch.no_grad():
+            module.model(torch.randint(0, TINY["vocab_size"], (2, 32)))  # data-dependent initialisation
+        logged = {}
+        module.log = lambda tag, value, _logged=logged, **_: _logged.__setitem__(tag, float(value))
+        module._log_learned_scales()
+        assert len(logged) == 2 * 4 * 2, (name, sorted(logged))  # 2 blocks x 4 linears x (weight, act)
+        layer = module.model.get_submodule("blocks.1.mlp.w12")
+        for operand, quant in (("weight", layer.weight_quant), ("act", layer.act_quant)):
+            expected = quant.learned.mean().item()
+            assert logged[f"quant_scale/blocks.1.mlp.w12/{operand}"] == pytest.approx(expected) and expected > 0

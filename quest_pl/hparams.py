@@ -85,6 +85,31 @@ def write(logger, values: dict) -> None:
     writer.flush()
 
 
+# The CUSTOM SCALARS tab: what to watch first, in this order (TensorBoard's other tabs sort tag groups alphabetically).
+# Chart entries are regular expressions over tags.
+LAYOUT = {
+    "train / val": {
+        "loss (train and val, nats/token)": ["Multiline", ["^train/loss$", "^val/loss$"]],
+        "val perplexity": ["Multiline", ["^val/ppl$"]],
+        "learning rate": ["Multiline", ["^train/lr$"]],
+        "throughput (tokens/s)": ["Multiline", ["^train/tokens_per_sec$"]],
+    },
+    "learned scales (LSQ step, PACT clip level)": {
+        "weights": ["Multiline", ["^quant_scale/.*/weight$"]],
+        "activations": ["Multiline", ["^quant_scale/.*/act$"]],
+    },
+}
+
+
+def write_layout(logger) -> None:
+    """The CUSTOM SCALARS tab's layout (:data:`LAYOUT`): train and val first, then the learned scales."""
+    from torch.utils.tensorboard.summary import custom_scalars
+
+    writer = logger.experiment._get_file_writer()
+    writer.add_summary(custom_scalars(LAYOUT))
+    writer.flush()
+
+
 def event_file_bytes(summary_list: list) -> bytes:
     """A complete TensorBoard event file (TFRecord framing) holding ``summary_list``."""
     from tensorboard.compat.proto.event_pb2 import Event

@@ -198,10 +198,12 @@ def build_trainer(cfg: DictConfig, run_dir: Path, loggers: list, callbacks: list
 def write_hparams(logger, cfg: DictConfig) -> None:
     """TensorBoard's hparams tab, linked to ``val/loss`` and ``val/ppl`` (no placeholder ``hp_metric`` scalar): the
     arm, the seed and the ``quant`` keys (:func:`quest_pl.hparams.run_values`). A sweep's report replaces them by the
-    keys that differ across its jobs (:func:`quest_pl.hparams.write_sweep_hparams`)."""
+    keys that differ across its jobs (:func:`quest_pl.hparams.write_sweep_hparams`). Also the CUSTOM SCALARS layout
+    (train and val first, then the learned scales: :data:`quest_pl.hparams.LAYOUT`)."""
     from quest_pl import hparams
 
     hparams.write(logger, hparams.run_values(cfg))
+    hparams.write_layout(logger)
 
 
 def write_metrics(run_dir: Path, metrics: dict) -> None:

@@ -118,3 +118,30 @@ def test_learned_scales_are_logged_as_scalars():
         for operand, quant in (("weight", layer.weight_quant), ("act", layer.act_quant)):
             expected = quant.learned.mean().item()
             assert logged[f"quant_scale/blocks.1.mlp.w12/{operand}"] == pytest.approx(expected) and expected > 0
+
+
+def test_custom_scalars_layout_puts_train_and_val_first(tmp_path):
+    import re
+
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    from quest_pl import hparams
+
+    logger = TensorBoardLogger(save_dir=str(tmp_path), name="tensorboard", version="", default_hp_metric=False)
+    hparams.write_layout(logger)
+    logger.finalize("success")
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    assert layout.category[0].title == "train / val"
+    loss = layout.category[0].chart[0].multiline.tag
+    assert [t for t in ("train/loss", "val/loss", "val/ppl") if any(re.search(r, t) for r in loss)] == [
+        "train/loss",
+        "val/loss",
+    ]
+    scales = [r for c in layout.category for ch in c.chart for r in ch.multiline.tag if "quant_scale" in r]
+    assert any(re.search(r, "quant_scale/blocks.0.attn.c_attn/weight") for r in scales)
+    assert any(re.search(r, "quant_scale/blocks.1.mlp.w12/act") for r in scales)

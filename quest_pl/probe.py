@@ -120,8 +120,24 @@ def _gradients(model, batches, device, loss_fn) -> dict[str, torch.Tensor]:
     return {n: layer.weight.grad.detach().clone() for n, layer in diagnosed_layers(model).items()}
 
 
-def probe_one(fp_module, quant: dict | None, batches, device: str) -> tuple[list[dict], dict]:
-    """(per-layer rows in forward order, summary) of one quantizer config on ``fp_module``'s latent weights."""
+def full_precision_key(model) -> tuple:
+    """What the full-precision forward of ``model`` (:func:`quest_pl.quant.full_precision`) computes beyond the plain
+    ``x W^T`` of every linear: the layers that stay rotated when bypassed (a weight-only or activation-only half-form
+    layer is ``x (W H)^T``), with the operand and Hadamard block. Models with the same key have the same
+    full-precision function of the same latent weights, hence the same full-precision gradient."""
+    from quest_pl.quant import quant_layers
+
+    return tuple(
+        (name, "weight" if layer.act_quant is None else "act", layer.hadamard_block)
+        for name, layer in quant_layers(model).items()
+        if layer.hadamard == "half" and (layer.act_quant is None) != (layer.weight_quant is None)
+    )
+
+
+def probe_one(fp_module, quant: dict | None, batches, device: str, fp_grads: dict | None = None) -> tuple[list, dict]:
+    """(per-layer rows in forward order, summary) of one quantizer config on ``fp_module``'s latent weights.
+    ``fp_grads`` (a dict kept across calls) caches the full-precision gradients by :func:`full_precision_key`: configs
+    with the same full-precision function share one backward instead of recomputing it."""
     from quest_pl.callbacks.alignment import cosine, cosine_parts, row_mean_std
     from quest_pl.callbacks.base import diagnosed_layers, operands
     from quest_pl.model import LlamaConfig
@@ -147,8 +163,12 @@ def probe_one(fp_module, quant: dict | None, batches, device: str) -> tuple[list
         est.record_mask = False
         if est.last_mask is not None:
             masked[op].append(1.0 - est.last_mask.float().mean().item())
-    with full_precision(model):
-        g_fp = _gradients(model, batches, device, module.loss_fn)
+    fp_grads = {} if fp_grads is None else fp_grads
+    key = full_precision_key(model)
+    if key not in fp_grads:
+        with full_precision(model):
+            fp_grads[key] = _gradients(model, batches, device, module.loss_fn)
+    g_fp = fp_grads[key]
     layers = list(g_q)
     rows, total = [], None
     for i, name in enumerate(layers):
@@ -242,10 +262,10 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         data_cfg = cfg
     hp = ckpt["hyper_parameters"]["model"]
     batches = validation_batches(data_cfg, n_batches, hp["seq_len"], hp["vocab_size"], key)
-    results, summaries = {}, {}
+    results, summaries, fp_grads = {}, {}, {}
     for name, q in quants.items():
         t0 = time.perf_counter()
-        results[name], summaries[name] = probe_one(fp_module, q if q.get("grid") else None, batches, device)
+        results[name], summaries[name] = probe_one(fp_module, q if q.get("grid") else None, batches, device, fp_grads)
         log.info("probe %s: model cos %.4f (%.1f s)", name, summaries[name]["model_cos"], time.perf_counter() - t0)
     run_dir = Path(run_dir)
     flat = [{"quant": name, **r} for name, rows in results.items() for r in rows]

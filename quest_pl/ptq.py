@@ -622,10 +622,10 @@ def evaluate(
     if tensorboard:
         from lightning.pytorch.loggers import TensorBoardLogger
 
+        from quest_pl import hparams
+
         logger = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False)
-        hparams = {f"ptq.{k}": v for k, v in ptq.settings().items() if k != "aqlm"}
-        hparams |= {f"ptq.aqlm.{k}": v for k, v in asdict(ptq.aqlm).items()} if ptq.method == "aqlm" else {}
-        logger.log_hyperparams(hparams | {"ptq.from": str(ckpt_path)})
+        hparams.write(logger, {"arm": ptq.name, "seed": data_cfg.get("seed"), **ptq_values(ptq, ckpt_path)})
         scalars = {"val/loss": metrics["val/loss"], "val/ppl": metrics["val/ppl"]}
         if aqlm_stats is not None:
             scalars["ptq/bits_per_weight"] = aqlm_stats["bits_per_weight"]
@@ -634,6 +634,13 @@ def evaluate(
         logger.finalize("success")
     atomic_write_json(run_dir / "metrics.json", metrics)
     return metrics
+
+
+def ptq_values(ptq: PTQConfig, ckpt_path: str | Path | None = None) -> dict:
+    """The ``ptq.*`` keys of a setting for TensorBoard's hparams tab (and ``ptq.from``)."""
+    values = {f"ptq.{k}": v for k, v in ptq.settings().items() if k != "aqlm"}
+    values |= {f"ptq.aqlm.{k}": v for k, v in asdict(ptq.aqlm).items()} if ptq.method == "aqlm" else {}
+    return values | ({"ptq.from": str(ckpt_path)} if ckpt_path is not None else {})
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict:

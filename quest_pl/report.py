@@ -358,8 +358,39 @@ def ptq_jobs(jobs: list[dict], sweep_dir: Path) -> list[dict]:
         where = sweep_dir if i == 0 else sweep_dir / f"ptq_s{base['seed']}"
         for r in sweep_rows([base, *quantized], where):
             r.update(seed=base["seed"], job=f"{base['job']} + {r['arm']}", status="ok")
+            r["_job_dir"] = where / "ptq" / r["arm"]  # quest_pl.ptq._sweep_row's run directory
             out.append(r)
     return out
+
+
+def write_tensorboard_hparams(jobs: list[dict]) -> list[Path]:
+    """TensorBoard's hparams tab for the whole sweep (:func:`quest_pl.hparams.write_sweep_hparams`): each job (PTQ
+    runs included) lists its arm, its seed and the keys that differ across the jobs. A trained job's keys are its
+    ``model``/``optim``/``data``/``quant``/``trainer`` config; a PTQ run's are its ``ptq.*`` setting and the config of
+    the BF16 run it quantized (without ``quant.*``). Returns the event files written."""
+    from quest_pl import hparams
+
+    base = {j["seed"]: j for j in jobs if j["method"] == "BF16" and j.get("_config")}
+    entries, tb_dirs = [], []
+    for j in jobs:
+        job_dir = j.get("_job_dir")
+        if job_dir is None:
+            continue
+        if j["method"] == "PTQ":
+            try:
+                settings = json.loads((job_dir / "metrics.json").read_text()).get("ptq") or {}
+            except (OSError, ValueError):
+                continue
+            cfg = base[j["seed"]]["_config"] if j["seed"] in base else {}
+            values = {k: v for k, v in hparams.config_values(cfg).items() if not k.startswith("quant.")}
+            values |= hparams.flatten(settings, "ptq")
+        else:
+            values = hparams.config_values(j.get("_config") or {})
+        entries.append(
+            {"arm": j["arm"], "seed": j["seed"], "kind": "ptq" if j["method"] == "PTQ" else "train", "values": values}
+        )
+        tb_dirs.append(Path(job_dir) / "tensorboard")
+    return hparams.write_sweep_hparams(tb_dirs, hparams.sweep_values(entries))
 
 
 def group(jobs: list[dict]) -> list[dict]:
@@ -584,6 +615,7 @@ def write_report(sweep_dir: str | Path, echo: bool = False, ptq: bool = True) ->
     if ptq:
         jobs += ptq_jobs(jobs, sweep_dir)
     rows = group(jobs)
+    tensorboard = write_tensorboard_hparams(jobs)
     write_csv(rows, sweep_dir / "summary.csv")
     write_csv(jobs, sweep_dir / "runs.csv", RUN_COLUMNS)
     figures = [p.name for p in sweep_figures(rows, sweep_dir) if p.suffix == ".png"]
@@ -592,6 +624,7 @@ def write_report(sweep_dir: str | Path, echo: bool = False, ptq: bool = True) ->
         header = "\n".join(f"  {label}: {value}" for label, value in what_was_run(jobs))
         print(f"\nSweep summary ({sweep_dir}):\n{header}\n\n{text_table(rows)}\n")
         print(f"wrote {sweep_dir / 'summary.csv'}, summary.md, runs.csv, " + ", ".join(figures) + " (and PDFs)")
+        print(f"TensorBoard hparams of {len(tensorboard)} runs: arm, seed and the keys that differ across them")
     return rows
 
 

@@ -196,19 +196,14 @@ def build_trainer(cfg: DictConfig, run_dir: Path, loggers: list, callbacks: list
 
 
 def write_hparams(logger, cfg: DictConfig) -> None:
-    """TensorBoard's hparams tab, linked to ``val/loss`` and ``val/ppl`` (no placeholder ``hp_metric`` scalar)."""
-    from torch.utils.tensorboard.summary import hparams
+    """TensorBoard's hparams tab, linked to ``val/loss`` and ``val/ppl`` (no placeholder ``hp_metric`` scalar): the
+    arm, the seed and the ``quant`` keys (:func:`quest_pl.hparams.run_values`). A sweep's report replaces them by the
+    keys that differ across its jobs (:func:`quest_pl.hparams.write_sweep_hparams`). Also the CUSTOM SCALARS layout
+    (train and val first, then the learned scales: :data:`quest_pl.hparams.LAYOUT`)."""
+    from quest_pl import hparams
 
-    flat = {}
-    for group in ("model", "optim", "data", "quant", "trainer"):
-        for k, v in (OmegaConf.to_container(cfg[group], resolve=True) or {}).items():
-            if isinstance(v, (int, float, str, bool)):
-                flat[f"{group}.{k}"] = v
-    flat["seed"] = cfg.seed
-    exp, ssi, sei = hparams(flat, {"val/loss": 0.0, "val/ppl": 0.0})
-    writer = logger.experiment._get_file_writer()
-    for summary in (exp, ssi, sei):
-        writer.add_summary(summary)
+    hparams.write(logger, hparams.run_values(cfg))
+    hparams.write_layout(logger)
 
 
 def write_metrics(run_dir: Path, metrics: dict) -> None:

@@ -7,9 +7,6 @@ import torch
 # cannot trace interpreted kernels.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# One intra-op thread, as run.py uses on CPU: the suite's tensors are small, and on a few shared cores OpenMP threads
-# spin against each other and other processes (several times slower under load).
-torch.set_num_threads(1)
 
 # Shared by every test that trains: the tokenised embedded corpus is built once per session into a private cache.
 import subprocess
@@ -19,6 +16,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# One intra-op thread, as run.py uses on CPU: the suite's tensors are small, and on a few shared cores OpenMP threads
+# spin against each other and other processes (several times slower under load).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)

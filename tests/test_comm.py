@@ -1,6 +1,7 @@
 """Compressed gradient communication (quest_pl.comm) on 2 gloo ranks: packing, unbiasedness of each compressor,
 lower variance of correlated than independent rounding, MARINA's exact full steps, DDP training with the hook."""
 
+import gc
 import math
 import os
 import socket
@@ -30,7 +31,9 @@ def _worker(rank: int, port: int, fn_name: str, out: str, kwargs: dict) -> None:
         result = globals()[fn_name](rank, **kwargs)
         if rank == 0:
             torch.save(result, out)
+        dist.barrier()  # no rank tears the group down while another still uses it
     finally:
+        gc.collect()  # DDP reducers and pending hook futures go before the process group they reference
         dist.destroy_process_group()
 
 
@@ -135,6 +138,7 @@ def _train(rank: int, hook: str, marina_p: float, steps: int) -> dict:
     params = torch.cat([p.detach().flatten() for p in model.parameters()])
     gathered = [torch.empty_like(params) for _ in range(WORLD)]
     dist.all_gather(gathered, params)
+    del ddp, opt
     return {"losses": losses, "same_on_ranks": bool(torch.equal(gathered[0], gathered[1]))}
 
 

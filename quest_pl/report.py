@@ -565,6 +565,12 @@ def runs_table(jobs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+AQLM_NOTE = (
+    "aqlm_* rows: additive vector quantization (AQLM) of the same checkpoint, calibrated on training batches "
+    "(not data-free); its grid cell gives the bits per weight including codebooks and scales."
+)
+
+
 def write_markdown(rows: list[dict], jobs: list[dict], path: Path, sweep_dir: Path, figures: list[str]) -> None:
     from quest_pl.io import atomic_write_text
 
@@ -578,16 +584,15 @@ def write_markdown(rows: list[dict], jobs: list[dict], path: Path, sweep_dir: Pa
         "",
         markdown_table(rows),
         "",
-        "val_loss: final validation loss (nats/token), mean ± sample std over seeds. bits_per_elem: storage bits per "
-        "element including scales (per-row scales over rows of d_model, 16-bit). Δ BF16: paired difference to the "
-        "BF16 arm of the same seed (same initialisation and data order), mean and 95 % Student-t interval over seeds; "
-        "'not significant' when the interval contains 0. align_mean / align_block0: mean cosine of quantized vs "
-        "full-precision gradient (whole model / block 0) over logged steps after step 0; mask_frac: mean fraction of "
-        "masked gradient entries; ptq_* rows: data-free post-training quantization of each seed's BF16 checkpoint. "
-        "A diverged run counts in `seeds` but not in the means.",
+        "val_loss: final validation loss (nats/token), mean ± sample std over seeds. bits_per_elem (summary.csv): "
+        "storage bits per element including scales (per-row scales over rows of d_model, 16-bit). Δ BF16: paired "
+        "difference to the BF16 arm of the same seed (same initialisation and data order), mean and 95 % Student-t "
+        "interval over seeds; 'not significant' when the interval contains 0. align_mean / align_block0: mean cosine "
+        "of quantized vs full-precision gradient (whole model / block 0) over logged steps after step 0; mask_frac: "
+        "mean fraction of masked gradient entries; ptq_* rows: data-free post-training quantization of each seed's "
+        "BF16 checkpoint. A diverged run counts in `seeds` but not in the means.",
         # aqlm_* rows (quest_pl.ptq.sweep_configs): say they are calibrated, unlike the ptq_* rows
-        "aqlm_* rows: additive vector quantization (AQLM) of the same checkpoint, calibrated on training batches "
-        "(not data-free); its grid cell gives the bits per weight including codebooks and scales.",
+        *([AQLM_NOTE] if any(str(r.get("arm", "")).startswith("aqlm") for r in rows) else []),
         "",
         "## Runs (one row per job)",
         "",

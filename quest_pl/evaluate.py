@@ -96,7 +96,7 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None =
     from quest_pl.export import find_tokenizer, module_from_checkpoint
     from quest_pl.io import atomic_write_json
     from quest_pl.ptq import load_checkpoint, run_config_of
-    from quest_pl.train import build_datamodule, resolve_precision
+    from quest_pl.train import resolve_precision, validation_datamodule
 
     start = time.perf_counter()
     overrides = list(overrides or [])
@@ -148,14 +148,7 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None =
             validate(cfg)
             if not data_cfg.data.get("tokenizer_path") and tokenizer_path is not None:
                 data_cfg.data.tokenizer_path = str(tokenizer_path)  # the checkpoint's own tokenizer
-        dm = build_datamodule(data_cfg)
-        dm.prepare_data()
-        dm.setup("validate")
-        if dm.vocab_size > model_hp["vocab_size"]:
-            raise ConfigError(
-                f"eval.from={ckpt_path!r}: the data's vocabulary ({dm.vocab_size}) is larger than the checkpoint's "
-                f"({model_hp['vocab_size']}); evaluate with the checkpoint's tokenizer (data.tokenizer_path)"
-            )
+        dm = validation_datamodule(data_cfg, model_hp["vocab_size"], f"eval.from={ckpt_path!r}")
         trainer = L.Trainer(
             accelerator=accelerator,
             devices=1,

@@ -567,7 +567,7 @@ def evaluate(
     ``model.seq_len``, ``seed``, ``trainer``) exactly as training validates; returns and writes ``metrics.json``."""
     import lightning as L
 
-    from quest_pl.train import build_datamodule, resolve_precision
+    from quest_pl.train import resolve_precision, validation_datamodule
 
     start = time.perf_counter()
     run_dir = Path(run_dir)
@@ -577,14 +577,7 @@ def evaluate(
     model_hp = ckpt["hyper_parameters"]["model"]
     if data_cfg.model.seq_len != model_hp["seq_len"]:
         data_cfg = OmegaConf.merge(data_cfg, {"model": {"seq_len": model_hp["seq_len"]}})
-    dm = build_datamodule(data_cfg)
-    dm.prepare_data()
-    dm.setup("validate")
-    if dm.vocab_size > model_hp["vocab_size"]:
-        raise ConfigError(
-            f"ptq.from={str(ckpt_path)!r}: the checkpoint's vocabulary ({model_hp['vocab_size']}) is smaller than "
-            f"data.vocab_size={dm.vocab_size}; evaluate with the data config the checkpoint was trained on"
-        )
+    dm = validation_datamodule(data_cfg, model_hp["vocab_size"], f"ptq.from={str(ckpt_path)!r}")
     aqlm_stats = None
     if ptq.method == "aqlm":
         on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()

@@ -55,6 +55,20 @@ def build_datamodule(cfg: DictConfig):
     )
 
 
+def validation_datamodule(data_cfg: DictConfig, vocab_size: int, source: str):
+    """The validation split of ``data_cfg``, ready to use, for a checkpoint with ``vocab_size`` logits (evaluation and
+    PTQ); ``source`` names the checkpoint key in the error when the data's vocabulary does not fit the model."""
+    dm = build_datamodule(data_cfg)
+    dm.prepare_data()
+    dm.setup("validate")
+    if dm.vocab_size > vocab_size:
+        raise ConfigError(
+            f"{source}: the data's vocabulary ({dm.vocab_size}) is larger than the checkpoint's ({vocab_size}); "
+            "evaluate with the tokenizer the checkpoint was trained with (data.tokenizer_path)"
+        )
+    return dm
+
+
 def build_module(cfg: DictConfig, vocab_size: int):
     from quest_pl.module import LMModule
 

@@ -329,7 +329,7 @@ def collect(sweep_dir: Path) -> list[dict]:
                 (t[len(prefix) + len("row_mean/") :] for t in scalars if t.startswith(prefix + "row_mean/")),
                 key=_layer_key,
             )
-            row["_align_depth"][operand] = [
+            depth = [
                 (
                     layer,
                     _mean(_after_step0(scalars[f"{prefix}row_mean/{layer}"])),
@@ -338,6 +338,8 @@ def collect(sweep_dir: Path) -> list[dict]:
                 )
                 for layer in layers
             ]
+            # a run shorter than the alignment interval logged step 0 only: no layer has a value to show
+            row["_align_depth"][operand] = [entry for entry in depth if entry[1] is not None]
         row["_job_dir"] = job
         row["_quant"] = quant
         row["_config"] = cfg
@@ -532,6 +534,7 @@ DISPLAY = (  # (header, cell) of the human-readable tables
     ("arm", lambda r: r["arm"]),
     ("method", lambda r: r["method"]),
     ("bits", lambda r: r["bits"]),
+    ("bits/elem", lambda r: r.get("bits_per_elem") or "-"),
     ("estimator", lambda r: r["estimator"]),
     ("hadamard", lambda r: r["hadamard"]),
     ("seeds", lambda r: str(r["seeds"])),
@@ -584,7 +587,7 @@ def write_markdown(rows: list[dict], jobs: list[dict], path: Path, sweep_dir: Pa
         "",
         markdown_table(rows),
         "",
-        "val_loss: final validation loss (nats/token), mean ± sample std over seeds. bits_per_elem (summary.csv): "
+        "val_loss: final validation loss (nats/token), mean ± sample std over seeds. bits/elem: "
         "storage bits per element including scales (per-row scales over rows of d_model, 16-bit). Δ BF16: paired "
         "difference to the BF16 arm of the same seed (same initialisation and data order), mean and 95 % Student-t "
         "interval over seeds; 'not significant' when the interval contains 0. align_mean / align_block0: mean cosine "

@@ -29,7 +29,7 @@ DATA = {"source": "embedded", "batch_size": 16, "vocab_size": 2048, "val_batches
 TRAINER = {"accumulate_grad_batches": 1, "devices": 1, "num_nodes": 1}
 
 
-def fake_sweep(root, seeds=(0, 1, 2), seed_in_dir=True, arms=ARMS):
+def fake_sweep(root, seeds=(0, 1, 2), seed_in_dir=True, arms=ARMS, align_steps=(0, 10, 20)):
     from omegaconf import OmegaConf
     from torch.utils.tensorboard import SummaryWriter
 
@@ -55,7 +55,7 @@ def fake_sweep(root, seeds=(0, 1, 2), seed_in_dir=True, arms=ARMS):
                 writer.add_scalar("val/loss", value, step)
                 writer.add_scalar("train/loss", value, step)
                 writer.add_scalar("train/tokens_per_sec", 1000.0 * (seed + 1), step)
-                if quant["grid"]:
+                if quant["grid"] and step in align_steps:
                     writer.add_scalar("align/model", 0.2 if step == 0 else 0.9, step)  # step 0 is excluded
                     writer.add_scalar("align/block/0", 0.8, step)
                     for layer in ("blocks.0.attn.c_attn", "blocks.1.mlp.w12", "blocks.0.mlp.c_proj"):
@@ -170,6 +170,22 @@ def test_alignment_layers_in_depth_order(tmp_path):
     jobs = collect(fake_sweep(tmp_path, seeds=(0,)))
     layers = [layer for layer, *_ in jobs[1]["_align_depth"]["weight"]]
     assert layers == ["blocks.0.attn.c_attn", "blocks.0.mlp.c_proj", "blocks.1.mlp.w12"]
+
+
+def test_alignment_logged_only_at_step0(tmp_path):
+    """A run shorter than the alignment interval logs it at step 0 alone, which the report leaves out (untrained
+    model): the report and every figure are still written, the alignment columns are empty and the depth panel says
+    why instead of crashing on an empty mean."""
+    from quest_pl.report import collect, write_report
+
+    sweep = fake_sweep(tmp_path, seeds=(0, 1), align_steps=(0,))
+    assert all(not j["_align_depth"]["weight"] for j in collect(sweep))
+    rows = write_report(sweep, ptq=False)
+    assert next(r for r in rows if r["arm"] == "quest_w4a4")["align_mean"] is None
+    assert (sweep / "alignment_by_depth.png").stat().st_size > 0
+    # the table shows storage bits per element with the scales: 4 + 16 / d_model for a 16-bit scale per row of 128
+    text = (sweep / "summary.md").read_text()
+    assert "| bits/elem |" in text and "W4.125A4.125" in text
 
 
 def test_report_cli_regenerates(tmp_path):

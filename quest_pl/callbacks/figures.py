@@ -286,7 +286,8 @@ def sweep_alignment_by_depth(rows: list[dict], colors: dict[str, str]):
                                                        if "_align_depth" in j)]  # fmt: skip
     fig = _figure(6.4 * max(1, len(operands)) * 0.85, 4.4)
     if not operands:
-        _note(fig.add_subplot(), "no align/row_mean/* scalars logged (callbacks.grad_alignment off, or BF16 only)")
+        why = "callbacks.grad_alignment off, a run shorter than its every_n_steps, or BF16 only"
+        _note(fig.add_subplot(), f"no align/row_mean/* scalars after step 0 ({why})")
         return fig
     for i, op in enumerate(operands):
         ax = fig.add_subplot(1, len(operands), i + 1)

@@ -260,6 +260,10 @@ def describe_quant(q: dict) -> dict:
         estimator = estimator.replace("clip", f"clip(c={float(q.get('clip_scale', 1.0)):g})")
     bits = "".join(f"{op}{'16' if b is None else f'{float(b):g}'}" for op, b in (("W", w_bits), ("A", a_bits)))
     hadamard = q.get("hadamard_mode", "half") if q.get("hadamard") else "no"
+    if q.get("hadamard") and int(q.get("hadamard_block") or 128) != 128:  # block-scaled formats rotate per group
+        hadamard += f", block {int(q['hadamard_block'])}"
+    if q.get("backward") not in (None, "none"):  # a quantized backward is part of the arm's gradient estimator
+        estimator += f", {q['backward']} backward"
     return {"method": "QAT", "grid": per_operand("grid"), "bits": bits, "estimator": estimator, "hadamard": hadamard}
 
 

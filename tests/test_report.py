@@ -223,3 +223,16 @@ def test_report_cli_errors(tmp_path):
             timeout=300,
         )
         assert out.returncode == 2 and out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr
+
+
+def test_describe_names_hadamard_block_and_quantized_backward():
+    """A block-scaled arm rotates per group and may quantize its backward: the table says both, so two arms that
+    differ only there are told apart."""
+    from quest_pl.report import describe_quant
+
+    resolved = dict(QUEST, w_bits=4, a_bits=4)
+    nvfp4 = dict(resolved, grid="nvfp4", hadamard_block=16, backward="sr")
+    row = describe_quant(nvfp4)
+    assert (row["hadamard"], row["estimator"]) == ("half, block 16", "trust, sr backward")
+    row = describe_quant(dict(resolved, hadamard_block=128, backward="none"))
+    assert (row["hadamard"], row["estimator"]) == ("half", "trust")

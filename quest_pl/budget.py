@@ -88,6 +88,12 @@ def planned_tokens(cfg: DictConfig) -> float | None:
     return None
 
 
+def budgeted_max_steps(cfg: DictConfig) -> int:
+    """The ``trainer.max_steps`` the run will have: the budget's step count when one is asked for, else the key."""
+    tokens = planned_tokens(cfg)
+    return cfg.trainer.max_steps if tokens is None else budget_steps(tokens, tokens_per_step(cfg))
+
+
 def apply_token_budget(cfg: DictConfig, train_tokens: int | None = None) -> int:
     """Set ``cfg.trainer.max_steps`` from the budget (when one is asked for), log the epochs of the training split
     (``train_tokens`` long) that the run reads, warn above one. Returns ``max_steps``."""

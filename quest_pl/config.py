@@ -437,15 +437,18 @@ def check_resume(cfg: DictConfig, ckpt: dict) -> dict[str, tuple[Any, Any]]:
     the keys of :data:`RESUME_KEYS` (first one named), except those listed in ``resume.allow_changes``, which are
     returned as ``{key: (checkpoint value, new value)}`` for the caller to log. Checkpoints without a stored config
     (written before it was stored) are compared on what their hyperparameters hold (model, optim, quant)."""
+    from quest_pl.budget import budgeted_max_steps
+
     path = cfg.ckpt_path
     step = int(ckpt.get("global_step", 0))
-    max_steps = cfg.trainer.max_steps
+    max_steps = budgeted_max_steps(cfg)  # a token budget sets it (quest_pl.budget), as it did for the checkpoint
     if step > max_steps:
         raise ConfigError(f"ckpt_path={path!r}: the checkpoint is at step {step}, past trainer.max_steps={max_steps}")
     allowed = set(OmegaConf.select(cfg, "resume.allow_changes", default=None) or [])
     groups = RESUME_GROUPS
     plain = {g: cfg.get(g) for g in groups}
     plain = {g: OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig) else v for g, v in plain.items()}
+    plain["trainer"]["max_steps"] = max_steps
     new = _resume_view(_flatten(plain))
     saved = ckpt.get("quest_pl_config")
     if isinstance(saved, dict):

@@ -172,6 +172,24 @@ def test_resume_past_max_steps_is_refused(trained):
         validate(cfg)
 
 
+def test_resume_of_a_token_budget_run_compares_the_budgeted_steps(tmp_path):
+    """``trainer.tokens`` sets max_steps (quest_pl.budget): a resume with the same budget continues the run (the
+    checkpoint's max_steps is the budgeted one, and so is the new run's), and a smaller budget than the checkpoint's
+    step is refused in the budget's steps."""
+    from quest_pl.budget import tokens_per_step
+    from quest_pl.config import ConfigError, validate
+    from quest_pl.train import train
+
+    step_tokens = tokens_per_step(compose(*TINY))
+    budget = (*TINY, "trainer.max_steps=50", "trainer.val_check_interval=2", f"trainer.tokens={2 * step_tokens}")
+    train(compose(*budget), tmp_path)
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == 2
+    validate(compose(*budget, f"ckpt_path={ckpt}"))
+    with pytest.raises(ConfigError, match=r"at step 2, past trainer\.max_steps=1"):
+        validate(compose(*budget, f"trainer.tokens={step_tokens}", f"ckpt_path={ckpt}"))
+
+
 def test_checkpoint_without_stored_config_is_compared_on_its_hyperparameters(trained, tmp_path):
     from quest_pl.config import ConfigError, validate
 

@@ -275,7 +275,14 @@ def test_reload_on_cuda_float_and_integer_paths(q, tmp_path):
 
 @pytest.mark.parametrize(
     "q",
-    [None, quant("gaussian_mse", 4, None, "half"), quant("fp4", 4, None, "full"), quant("gaussian_mse", 2, 2, "half")],
+    [
+        None,
+        quant("gaussian_mse", 4, None, "half"),
+        quant("fp4", 4, None, "full"),
+        quant("gaussian_mse", 2, 2, "half"),
+        quant("gaussian_mse", 4, 4, "half", hadamard_block=32),
+        quant("nvfp4", 4, None, "half", hadamard_block=16),
+    ],
     ids=lambda q: "bf16" if q is None else case_id(q),
 )
 def test_hugging_face_export_gives_the_same_logits(q, tmp_path):
@@ -300,7 +307,7 @@ def test_hugging_face_export_gives_the_same_logits(q, tmp_path):
                 layer.weight_quant = None
                 from quest_pl.quantizers import hadamard_transform
 
-                layer.weight.data = hadamard_transform(layer.weight.data)
+                layer.weight.data = hadamard_transform(layer.weight.data, layer.hadamard_block)
             layer.act_quant = None
             layer.hadamard = None if layer.weight_quant is None else layer.hadamard
     idx = tokens()

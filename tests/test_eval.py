@@ -105,6 +105,9 @@ def test_generate_is_deterministic_with_a_seed(trained):
     assert greedy[0] == first
     top1 = generate(model, prompt, 5, temperature=1.0, top_k=1, seed=9)
     assert top1 == greedy  # top-k 1 is greedy whatever the seed
+    assert generate(model, prompt, 5, temperature=1e-40, seed=9) == greedy  # logits / T overflows fp32: still greedy
+    vocab = model.cfg.vocab_size  # top-k beyond the vocabulary samples from the whole vocabulary
+    assert generate(model, prompt, 5, top_k=vocab + 1000, seed=9) == generate(model, prompt, 5, top_k=None, seed=9)
 
 
 def test_export_command_and_generate_from_the_export(trained, tmp_path):
@@ -165,3 +168,8 @@ def test_generate_command(trained, capsys):
     assert first.startswith("ROMEO:") and capsys.readouterr().out == first
     assert main([ckpt, "--temperature", "-1"]) == 2
     assert "error: --temperature=-1.0" in capsys.readouterr().err
+    assert main([ckpt, "--temperature", "nan"]) == 2
+    assert "error: --temperature=nan" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main([ckpt, "--device", "cuda"]) == 2
+        assert capsys.readouterr().err.startswith("error: --device=cuda")

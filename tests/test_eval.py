@@ -56,6 +56,19 @@ def test_evaluate_refuses_another_quantization(trained, tmp_path):
     same = evaluate(trained, tmp_path / "same", "quant=quest_w4a4", "quant.kernel=torch")  # same computation: fine
     bf16 = evaluate(trained, tmp_path / "bf16", "quant=bf16", "eval.allow_quant_change=true")
     assert bf16["quant"] == "bf16" and bf16["val/loss"] != same["val/loss"]
+    # quant.* keys without a quant= group change the checkpoint's own quantization, not the default (bf16) one
+    from quest_pl.evaluate import evaluate as evaluate_fn
+
+    def bare(out, *overrides):  # no experiment=smoke: the composed quant is the default bf16
+        cfg = compose("trainer.enable_progress_bar=false", "callbacks=none", f"eval.from={ckpt}", *overrides)
+        return evaluate_fn(cfg, tmp_path / out, overrides=list(overrides))
+
+    ckpt = trained[0] / "checkpoints" / "last.ckpt"
+    assert bare("kernel", "quant.kernel=torch")["val/loss"] == same["val/loss"]
+    with pytest.raises(ConfigError, match=r"quant='quest_w4a4' with quant\.a_bits=8: differs from the quantization"):
+        bare("a8", "quant.a_bits=8")
+    a8 = bare("a8", "quant.a_bits=8", "eval.allow_quant_change=true")
+    assert a8["quant"] == "quest_w4a4" and a8["val/loss"] not in (same["val/loss"], bf16["val/loss"])
 
 
 def test_perplexity_on_a_text_file(trained, tmp_path):

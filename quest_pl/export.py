@@ -708,6 +708,15 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.2f} MiB"
 
 
+def check_paths(out_dir: str | None = None, hf: str | None = None, tokenizer: str | None = None) -> None:
+    """One-line errors, before any work, for output directories that are files and a tokenizer that is not one."""
+    for key, path in (("out_dir", out_dir), ("--hf", hf)):
+        if path is not None and Path(path).exists() and not Path(path).is_dir():
+            raise ConfigError(f"{key}={path!r}: exists and is not a directory")
+    if tokenizer is not None and not Path(tokenizer).expanduser().is_file():
+        raise ConfigError(f"--tokenizer={tokenizer!r}: no such file (expected a tokenizer.json)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m quest_pl.export", description="Export a checkpoint as a packed low-bit safetensors model."
@@ -724,6 +733,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        check_paths(out_dir=args.out_dir, hf=args.hf, tokenizer=args.tokenizer)
         module, ckpt = module_from_checkpoint(args.checkpoint, key="checkpoint")
         tokenizer = args.tokenizer or find_tokenizer(args.checkpoint)
         if tokenizer is None:

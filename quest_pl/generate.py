@@ -76,6 +76,7 @@ def load_for_generation(path: str | Path, tokenizer: str | Path | None = None, d
 
 def main(argv: list[str] | None = None) -> int:
     from quest_pl.data import EOS
+    from quest_pl.export import check_paths
 
     p = argparse.ArgumentParser(prog="python -m quest_pl.generate", description=__doc__.split("\n")[0])
     p.add_argument("checkpoint", help="a .ckpt this project wrote, or a `python -m quest_pl.export` directory")
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--device={args.device}: CUDA is not available here; use --device cpu")
         if args.top_k is not None and args.top_k < 1:
             raise ConfigError(f"--top-k={args.top_k}: expected an integer >= 1")
+        check_paths(tokenizer=args.tokenizer)
         model, tok = load_for_generation(args.checkpoint, args.tokenizer, args.device)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

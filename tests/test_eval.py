@@ -186,3 +186,24 @@ def test_generate_command(trained, capsys):
     if not torch.cuda.is_available():
         assert main([ckpt, "--device", "cuda"]) == 2
         assert capsys.readouterr().err.startswith("error: --device=cuda")
+
+
+def test_export_and_generate_refuse_bad_paths_in_one_line(trained, tmp_path, capsys):
+    from quest_pl.export import main as export_main
+    from quest_pl.generate import main as generate_main
+
+    ckpt = str(trained[0] / "checkpoints" / "last.ckpt")
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    out, none = str(tmp_path / "out"), str(tmp_path / "none.json")
+    for args, message in [
+        ([ckpt, str(a_file)], "error: out_dir="),
+        ([ckpt, out, "--tokenizer", none], "error: --tokenizer="),
+        ([ckpt, out, "--hf", str(a_file), "--hf-drop-act-quant"], "error: --hf="),  # transformers only logs this
+    ]:
+        assert export_main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(message) and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()  # refused before any work
+    assert generate_main([ckpt, "--tokenizer", none, "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.startswith("error: --tokenizer=")

@@ -161,13 +161,16 @@ def test_evaluate_on_another_data_config_uses_the_checkpoints_tokenizer(trained,
     metrics = evaluate(trained, tmp_path / "run", "data=text_file", f"data.path={text}", "data.chunks_per_file=8")
     assert metrics["data"] == f"text_file:{text}" and 0 < metrics["val/loss"] < math.log(2048) + 1
     ckpt = trained[0] / "checkpoints" / "last.ckpt"
-    tok = find_tokenizer(ckpt)
-    assert tok.is_file() and tok.name == "tokenizer.json"
-    (trained[0] / "tokenizer.json").write_text(tok.read_text())  # a run directory's own copy wins
-    try:
-        assert find_tokenizer(ckpt) == trained[0] / "tokenizer.json"
+    own = trained[0] / "tokenizer.json"
+    assert own.is_file()  # training keeps a copy of its tokenizer in the run directory ...
+    assert find_tokenizer(ckpt) == own  # ... and it is the one used
+    saved = own.read_bytes()
+    own.unlink()
+    try:  # without it: the token cache named by the run's config
+        cached = find_tokenizer(ckpt)
+        assert cached != own and cached.name == "tokenizer.json" and cached.read_bytes() == saved
     finally:
-        (trained[0] / "tokenizer.json").unlink()
+        own.write_bytes(saved)
 
 
 def test_generate_command(trained, capsys):

@@ -249,7 +249,12 @@ def test_full_model_integer_path_close_to_fake(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("q", [quant("gaussian_mse", 4, 4, "half"), quant("fp4", 4, None, "full")], ids=case_id)
+@pytest.mark.parametrize(
+    "q",
+    [quant("gaussian_mse", 4, 4, "half"), quant("fp4", 4, None, "full"),
+     quant("nvfp4", 4, None, "half", scale_rule="four_over_six", hadamard_block=16)],
+    ids=case_id,
+)  # fmt: skip
 def test_reload_on_cuda_float_and_integer_paths(q, tmp_path):
     """Bit-exactness is a CPU property (the CPU tests above): on CUDA the quantizer's row reductions and the GEMMs
     sum in another order, so a recomputed scale can differ in its last bit. What must hold on CUDA: the decoded

@@ -115,13 +115,25 @@ class BlockFP4(Grid):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", scale_rule={self.scale_rule}"
 
-    def element_scale(self, x32: Tensor, rms: Tensor) -> Tensor:
-        """Element scale d per group, shape (..., 1), for x32 in rows layout (..., d // g, g)."""
+    def scale_parts(self, x32: Tensor, rms: Tensor) -> tuple[Tensor, Tensor]:
+        """(s, G) with the element scale d = s * G (one fp32 product): s per group, shape (..., 1), exactly a value of
+        the format's scale encoding (E8M0, E4M3); G the fp32 tensor scale, shape () (1 for MXFP4). x32 in rows
+        layout (..., d // g, g). The packed export stores s in its encoding and G (`quest_pl.export`)."""
         raise NotImplementedError
 
+    def element_scale(self, x32: Tensor, rms: Tensor) -> Tensor:
+        """Element scale d = s * G per group, shape (..., 1) (`scale_parts`)."""
+        s, g = self.scale_parts(x32, rms)
+        return s * g
+
+    def quantize_parts(self, x32: Tensor, rms: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(values, s, G) with values = round_e2m1(x / d) * d, d = s * G (`scale_parts`)."""
+        s, g = self.scale_parts(x32, rms)
+        return scaled_e2m1(x32, s * g), s, g
+
     def _quantize(self, x32: Tensor, rms: Tensor) -> QuantOutput:
-        d = self.element_scale(x32, rms)
-        return QuantOutput(scaled_e2m1(x32, d), rms, E2M1_MAX * d)
+        values, s, g = self.quantize_parts(x32, rms)
+        return QuantOutput(values, rms, E2M1_MAX * (s * g))
 
     def trust_threshold(self, out: QuantOutput, trust: float | None = None) -> Tensor:
         if trust is not None:

@@ -10,6 +10,7 @@ values = round_e2m1(x / d) * d (nearest, ties to even, saturating); scale bits p
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from quest_pl.quantizers.base import register_grid, safe_rms
@@ -25,7 +26,9 @@ class MXFP4(BlockFP4):
     fixed_group_size = MX_BLOCK
     scale_rules = ("absmax", "gaussian")
 
-    def element_scale(self, x32: Tensor, rms: Tensor) -> Tensor:
+    def scale_parts(self, x32: Tensor, rms: Tensor) -> tuple[Tensor, Tensor]:
         if self.scale_rule == "gaussian":
-            return e8m0_nearest(FP4_SCALE * safe_rms(rms))
-        return e8m0_floor(x32.abs().amax(dim=-1, keepdim=True) / 2**E2M1_EMAX)
+            s = e8m0_nearest(FP4_SCALE * safe_rms(rms))
+        else:
+            s = e8m0_floor(x32.abs().amax(dim=-1, keepdim=True) / 2**E2M1_EMAX)
+        return s, torch.ones((), dtype=s.dtype, device=s.device)  # no tensor scale: d = s * 1 = s exactly

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from quest_pl.quantizers.base import QuantOutput, register_grid, safe_rms
+from quest_pl.quantizers.base import register_grid, safe_rms
 from quest_pl.quantizers.e2m1 import E2M1_MAX, E4M3_MAX, BlockFP4, e4m3_nearest, scaled_e2m1
 from quest_pl.quantizers.fp4 import FP4_SCALE
 
@@ -37,26 +37,24 @@ class NVFP4(BlockFP4):
     fixed_group_size = NV_BLOCK
     scale_rules = ("absmax", "four_over_six", "gaussian")
 
-    def element_scale(self, x32: Tensor, rms: Tensor) -> Tensor:
+    def scale_parts(self, x32: Tensor, rms: Tensor) -> tuple[Tensor, Tensor]:
         if self.scale_rule == "gaussian":
             target = FP4_SCALE * safe_rms(rms)
             g = tensor_scale(target.amax(), E4M3_MAX)
-            return e4m3_nearest(target / g) * g
+            return e4m3_nearest(target / g), g
         amax = x32.abs().amax(dim=-1, keepdim=True)
         cap = FOUR_OVER_SIX_SCALE_CAP if self.scale_rule == "four_over_six" else E4M3_MAX
         g = tensor_scale(amax.amax(), E2M1_MAX * cap)
-        return e4m3_nearest(amax / E2M1_MAX / g) * g
+        return e4m3_nearest(amax / E2M1_MAX / g), g
 
-    def _quantize(self, x32: Tensor, rms: Tensor) -> QuantOutput:
+    def quantize_parts(self, x32: Tensor, rms: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if self.scale_rule != "four_over_six":
-            return super()._quantize(x32, rms)
-        d6 = self.element_scale(x32, rms)
-        g = tensor_scale(x32.abs().amax(), E2M1_MAX * FOUR_OVER_SIX_SCALE_CAP)
-        d4 = e4m3_nearest(x32.abs().amax(dim=-1, keepdim=True) / 4 / g) * g
-        q6, q4 = scaled_e2m1(x32, d6), scaled_e2m1(x32, d4)
+            return super().quantize_parts(x32, rms)
+        s6, g = self.scale_parts(x32, rms)
+        s4 = e4m3_nearest(x32.abs().amax(dim=-1, keepdim=True) / 4 / g)
+        q6, q4 = scaled_e2m1(x32, s6 * g), scaled_e2m1(x32, s4 * g)
         use4 = (q4 - x32).square().sum(-1, keepdim=True) < (q6 - x32).square().sum(-1, keepdim=True)
-        d = torch.where(use4, d4, d6)
-        return QuantOutput(torch.where(use4, q4, q6), rms, E2M1_MAX * d)
+        return torch.where(use4, q4, q6), torch.where(use4, s4, s6), g
 
     def bits_per_element(self, row_length: int, numel: int | None = None) -> float:
         return super().bits_per_element(row_length) + (32 / numel if numel else 0.0)

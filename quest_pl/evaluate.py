@@ -9,7 +9,8 @@ quantized forward; LSQ/PACT scales are restored), and evaluated as training vali
 next-token cross-entropy) and ``val/ppl = exp(val/loss)``, written to ``metrics.json`` (atomic, strict JSON) and to
 TensorBoard at the checkpoint's step. A ``quant=...`` or ``quant.*`` override that differs from the checkpoint's
 quantization is an error unless ``eval.allow_quant_change=true`` (then the latent weights are evaluated under the
-given quantization). Another ``data`` config is tokenized with the checkpoint's own tokenizer.
+given quantization). ``quant.<key>=...`` without ``quant=...`` changes that key of the checkpoint's own quantization.
+Another ``data`` config is tokenized with the checkpoint's own tokenizer.
 
 ``eval.text_file`` (a file or glob) scores every token of the files, documents joined by ``<|endoftext|>`` as in
 training, in consecutive windows of ``model.seq_len`` tokens (each token but the first predicted once).
@@ -37,6 +38,27 @@ def _overridden(overrides: list[str], group: str) -> bool:
     """Whether a command-line override sets ``group`` or one of its keys."""
     keys = (o.split("=", 1)[0].lstrip("+~") for o in overrides)
     return any(k == group or k.startswith(f"{group}.") for k in keys)
+
+
+def _group_chosen(overrides: list[str], group: str) -> bool:
+    """Whether a command-line override chooses the config group itself (``quant=...``), not only its keys."""
+    return any(o.split("=", 1)[0].lstrip("+~") == group for o in overrides)
+
+
+def _quant_keys(overrides: list[str]) -> list[str]:
+    """The ``quant.<key>`` names set on the command line, in order."""
+    keys = (o.split("=", 1)[0].lstrip("+~") for o in overrides)
+    return [k[len("quant.") :] for k in keys if k.startswith("quant.")]
+
+
+def _overlay(own: dict, changed: dict) -> dict:
+    """The checkpoint's quant config with the given keys changed; ``bits`` also sets ``w_bits``/``a_bits`` where the
+    checkpoint had them equal to its ``bits`` (the interpolation of ``experiments/quant/bf16.yaml``)."""
+    out = dict(own)
+    for op in ("w_bits", "a_bits"):
+        if "bits" in changed and op not in changed and own.get(op) == own.get("bits"):
+            out[op] = changed["bits"]
+    return out | changed
 
 
 def _comparable(q: dict | None):
@@ -107,10 +129,15 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None =
     quant = own_quant
     if _overridden(overrides, "quant"):
         given = OmegaConf.to_container(cfg.quant, resolve=True)
+        keys = _quant_keys(overrides)
+        what = repr(given.get("name"))
+        if not _group_chosen(overrides, "quant") and own_quant:  # quant.* keys change the checkpoint's quantization
+            given = _overlay(own_quant, {k: given[k] for k in keys})
+            what = f"{given.get('name')!r} with " + ", ".join(f"quant.{k}={given[k]}" for k in keys)
         differs = _comparable(given) != _comparable(own_quant)
         if differs and not cfg.eval.allow_quant_change:
             raise ConfigError(
-                f"quant={given.get('name')!r}: differs from the quantization the checkpoint was trained with "
+                f"quant={what}: differs from the quantization the checkpoint was trained with "
                 f"({(own_quant or {}).get('name', 'bf16')!r}); drop the quant override or set "
                 "eval.allow_quant_change=true to evaluate the latent weights under another quantization"
             )

@@ -7,8 +7,9 @@ mode, PyTorch path) at the same latent weights to the last bit on CPU in fp32.
 
 Why the reload is exact. Every weight grid maps a row to ``value = table[code] * scale``, one fp32 product per element,
 and the quantizers compute exactly that product (``quantizers.integer``: ``(k + 1/2) * step``; ``quantizers.levels``:
-``levels[i] * sigma_hat``). The export stores the code, the fp32 table and the fp32 per-row factor (``step`` for INT
-grids, ``sigma_hat`` for level grids), so decoding repeats the same IEEE operation on the same operands. The exporter
+``levels[i] * sigma_hat``; the block formats ``round_e2m1(x / d) * d``). The export stores the code, the fp32 table and
+the per-row (per-group) factor (``step`` for INT grids, ``sigma_hat`` for level grids, ``d = s * G`` for MXFP4/NVFP4
+from its encoded parts), so decoding repeats the same IEEE operations on the same operands. The exporter
 checks that every decoded weight equals the quantizer's output bit for bit and refuses to write otherwise. Activations
 are re-quantized at run time by the same estimator modules (learned LSQ/PACT scales are stored), and the Hadamard
 transform and ``F.linear`` are the same calls as in ``QuantLinear``.
@@ -23,6 +24,14 @@ Per quantized linear ``<name>`` (e.g. ``blocks.0.attn.c_attn``):
 * ``<name>.scale``: fp32 ``[rows]``, the per-row factor; ``<name>.table``: fp32 ``[2^b]``, the value of each code in
   units of that factor. Dequantized weight (in the Hadamard-rotated basis when ``hadamard`` is set)
   ``W_q[r, j] = table[code[r, j]] * scale[r]``;
+* group scales (``group_size = g`` in the layer's metadata, ``quant.group_size``): ``<name>.scale`` is fp32
+  ``[rows, cols / g]`` and ``W_q[r, j] = table[code[r, j]] * scale[r, j // g]`` (the per-row rules below, per group);
+* ``mxfp4`` / ``nvfp4`` (format ``block_fp4``, g = 32 / 16): ``code`` = E2M1 bit pattern as for ``fp4``, ``table`` the
+  16 E2M1 values (``(0, .5, 1, 1.5, 2, 3, 4, 6)``, negated for codes 8-15); ``<name>.scale``: uint8 ``[rows, cols / g]``
+  in the format's scale encoding (``scale_encoding`` ``e8m0``: ``s = 2^(byte - 127)``; ``e4m3``: the float8_e4m3fn
+  bit pattern); ``<name>.tensor_scale``: fp32 ``[1]``, the tensor scale ``G`` (1 for MXFP4). The element unit is
+  ``d = s * G`` (fp32) and ``W_q[r, j] = table[code[r, j]] * d[r, j // g]``: 4.25 (MXFP4) and 4.5 (NVFP4) bits per
+  weight, as the formats specify;
 * INT grids (``gaussian_mse``, ``uniform``, LSQ/PACT scales): ``code = k + 2^(b-1)``, ``table[code] = code - 2^(b-1) +
   1/2``, ``scale = step``: the odd integer ``2 table[code]`` is the integer code of the integer path;
 * ``lloyd_max`` and ``ternary``: ``code`` = level index (ascending), ``table`` = fp32 levels (sigma units), ``scale`` =
@@ -38,8 +47,8 @@ Per quantized linear ``<name>`` (e.g. ``blocks.0.attn.c_attn``):
 * learned activation scales: ``<name>.act_quant.<param>`` (LSQ ``step``, PACT ``clip``, and ``initialized``).
 
 Embeddings, ``lm_head`` and norms are stored as they are (fp32). The metadata key ``quest_pl`` holds the JSON of
-``config.json``: format version, model config, quant config, and per layer the format, grid, bits, shape, Hadamard
-form and the activation quantizer.
+``config.json``: format version, model config, quant config, and per layer the format, grid, bits, group size, shape,
+Hadamard form and block, and the activation quantizer (estimator, grid, bits, group size and scale rule).
 
 The integer path (METHOD.md §5). For a centered INT grid on both operands, ``W_q = (c_w / 2) step_w`` and
 ``Qa(x) = (c_a / 2) step_a`` with odd integer codes ``c`` (0 for a pruned 2:4 element), so a W4A4 layer is
@@ -68,7 +77,8 @@ from quest_pl.config import ConfigError
 log = logging.getLogger(__name__)
 
 FORMAT = "quest-pl-packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: group scales, MXFP4/NVFP4, the Hadamard block per layer (v1 files: block 128, per row)
+READS_VERSIONS = (1, 2)
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -137,9 +147,11 @@ def odd_codes(values: Tensor, step: Tensor) -> Tensor:
 
 
 def is_int_estimator(est: nn.Module | None) -> bool:
+    """Whether ``est`` quantizes to a centered INT grid with one scale per row (what the integer path computes)."""
     from quest_pl.quantizers.integer import IntGrid
 
-    return est is not None and isinstance(getattr(est, "quantizer", None), IntGrid)
+    grid = getattr(est, "quantizer", None)
+    return est is not None and isinstance(grid, IntGrid) and grid.group_size is None
 
 
 def _fp4_code_table(levels: Tensor) -> tuple[Tensor, Tensor]:
@@ -149,6 +161,43 @@ def _fp4_code_table(levels: Tensor) -> tuple[Tensor, Tensor]:
     table[index_to_code] = levels
     table[8] = levels[7]  # -0 decodes to the grid's zero
     return index_to_code, table
+
+
+def _e2m1_code_table() -> Tensor:
+    """E2M1 code (sign in bit 3, magnitude index in bits 0-2) -> its fp32 value (code 8 is -0)."""
+    mags = torch.tensor(E2M1_MAGNITUDES, dtype=torch.float32)
+    return torch.cat((mags, -mags))
+
+
+def _e2m1_codes(e: Tensor) -> Tensor:
+    """E2M1 codes of E2M1 values ``e`` (exact members of the table, signed zeros keep their sign)."""
+    mags = torch.tensor(E2M1_MAGNITUDES, dtype=torch.float32, device=e.device)
+    index = torch.searchsorted(mags, e.abs())
+    return index + 8 * torch.signbit(e).long()
+
+
+def _encode_block_scale(s: Tensor, encoding: str) -> Tensor:
+    """Per-group scale values ``s`` (exact members of the encoding) as uint8 codes: E8M0 = exponent + 127, E4M3 =
+    the float8_e4m3fn bit pattern."""
+    if encoding == "e8m0":
+        return (torch.frexp(s).exponent - 1 + 127).to(torch.uint8)
+    return s.to(torch.float8_e4m3fn).view(torch.uint8)
+
+
+def _decode_scale(tensors: dict[str, Tensor], meta: dict) -> Tensor:
+    """The fp32 scale per row or per group, shape ``(rows, groups, 1)`` (the grid's product ``s * G`` for the block
+    formats)."""
+    scale = tensors["scale"]
+    encoding = meta.get("scale_encoding", "fp32")
+    if encoding == "e8m0":
+        scale = torch.ldexp(torch.ones(scale.shape, dtype=torch.float32, device=scale.device), scale.long() - 127)
+    elif encoding == "e4m3":
+        scale = scale.view(torch.float8_e4m3fn).float()
+    else:
+        scale = scale.float()
+    if "tensor_scale" in tensors:
+        scale = scale * tensors["tensor_scale"].float().reshape(())
+    return scale.reshape(meta["rows"], -1, 1)
 
 
 @dataclass
@@ -161,8 +210,9 @@ class Encoded:
 
 @torch.no_grad()
 def encode_weight(layer: nn.Module) -> Encoded:
-    """Codes, table and per-row scale of a ``QuantLinear``'s quantized weight (in the basis its quantizer works in),
-    checked to decode to the quantizer's output bit for bit."""
+    """Codes, table and per-row (per-group) scale of a ``QuantLinear``'s quantized weight (in the basis its quantizer
+    works in), checked to decode to the quantizer's output bit for bit."""
+    from quest_pl.quantizers.e2m1 import BlockFP4, round_e2m1
     from quest_pl.quantizers.int_sparse24 import IntSparse24, two_four_keep_mask
     from quest_pl.quantizers.integer import IntGrid
     from quest_pl.quantizers.levels import LevelGrid
@@ -171,33 +221,52 @@ def encode_weight(layer: nn.Module) -> Encoded:
     w = layer.weight.detach().float()
     rows, cols = w.shape
     grid = getattr(est, "quantizer", None)
-    x32 = quantizers.hadamard_transform(w) if layer.hadamard and est is not None else w
+    block = getattr(layer, "hadamard_block", quantizers.HADAMARD_BLOCK)
+    x32 = quantizers.hadamard_transform(w, block) if layer.hadamard and est is not None else w
     values = est(x32).float() if est is not None else x32  # the estimator's forward: exactly what QuantLinear uses
-    if not isinstance(grid, (IntGrid, LevelGrid)):  # full-precision weight or the identity estimator
+    if est is None or grid is None or getattr(est, "name", None) == "none":  # full precision or the identity
         return Encoded({"weight": values.contiguous()}, {"format": "dense"})
+    if not isinstance(grid, (IntGrid, LevelGrid, BlockFP4)):
+        raise ConfigError(f"weight grid {grid.name!r}: the packed format has no layout for it")
     bits = math.ceil(grid.bits)
+    group = grid.group_size or cols
+    xr, vr = x32.reshape(rows, cols // group, group), values.reshape(rows, cols // group, group)
+    meta = {"grid": grid.name, "bits": bits, "group_size": grid.group_size}
+    tensors = {}
     if isinstance(grid, IntGrid):
         n = 2**grid.bits
-        step = int_step(est, x32)
-        codes = (odd_codes(values, step) - 1).div(2, rounding_mode="floor") + n // 2  # k + n/2
+        step = int_step(est, x32).reshape(rows, -1, 1)
+        codes = (odd_codes(vr, step) - 1).div(2, rounding_mode="floor") + n // 2  # k + n/2
         table = torch.arange(n, dtype=torch.float32) - n // 2 + 0.5
         scale = step
-    else:
+        meta["format"] = "int"
+    elif isinstance(grid, LevelGrid):
         boundaries, levels = grid.fp32_tables(x32.device)
-        scale = quantizers.base.safe_rms(quantizers.row_rms(x32))
-        codes = torch.bucketize(x32 / scale, boundaries, right=True)
+        scale = quantizers.base.safe_rms(quantizers.row_rms(xr))
+        codes = torch.bucketize(xr / scale, boundaries, right=True)
         table = levels.clone()
         if grid.name == "fp4":
             index_to_code, table = _fp4_code_table(levels)
             codes = index_to_code[codes]
-    meta = {"format": "int" if isinstance(grid, IntGrid) else "levels", "grid": grid.name, "bits": bits}
-    tensors = {"table": table, "scale": scale.reshape(rows).contiguous()}
+        meta["format"] = "levels"
+    else:  # MXFP4 / NVFP4: E2M1 codes, the group scale in the format's encoding, the fp32 tensor scale
+        _, s, tensor_scale = grid.quantize_parts(xr, quantizers.row_rms(xr))
+        d = s * tensor_scale
+        e = torch.where(d > 0, round_e2m1(xr / torch.where(d > 0, d, torch.ones_like(d))), 0.0)
+        codes, table = _e2m1_codes(e), _e2m1_code_table()
+        encoding = "e8m0" if grid.name == "mxfp4" else "e4m3"
+        scale = _encode_block_scale(s, encoding)
+        tensors["tensor_scale"] = tensor_scale.float().reshape(1)
+        meta |= {"format": "block_fp4", "scale_encoding": encoding}
+    codes = codes.reshape(rows, cols)
+    tensors |= {"table": table, "scale": scale.reshape(rows, -1) if grid.group_size else scale.reshape(rows)}
     if isinstance(grid, IntSparse24):
         keep = two_four_keep_mask(x32)
         positions = torch.arange(cols).expand(rows, cols)[keep].reshape(rows, cols // 2) % 4
         codes = codes[keep].reshape(rows, cols // 2)
         tensors["index"] = pack_codes(positions, 2)
         meta["format"] = "int_sparse24"
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
     tensors["codes"] = pack_codes(codes, bits)
     encoded = Encoded(tensors, meta | {"rows": rows, "cols": cols})
     if not torch.equal(decode_weight(encoded.tensors, encoded.meta), values):
@@ -206,18 +275,21 @@ def encode_weight(layer: nn.Module) -> Encoded:
 
 
 def decode_weight(tensors: dict[str, Tensor], meta: dict) -> Tensor:
-    """The dequantized weight ``table[code] * scale`` (rotated basis), fp32 ``[rows, cols]``."""
+    """The dequantized weight ``table[code] * scale`` (rotated basis; the scale of the element's row or group), fp32
+    ``[rows, cols]``."""
     if meta["format"] == "dense":
         return tensors["weight"].float()
     rows, cols, bits = meta["rows"], meta["cols"], meta["bits"]
-    scale = tensors["scale"].float().reshape(rows, 1)
+    scale = _decode_scale(tensors, meta)  # (rows, groups, 1)
     table = tensors["table"].float()
     if meta["format"] == "int_sparse24":
-        kept = table[unpack_codes(tensors["codes"], bits, cols // 2)] * scale
+        kept = table[unpack_codes(tensors["codes"], bits, cols // 2)]
+        kept = (kept.reshape(rows, scale.shape[1], -1) * scale).reshape(rows, cols // 2)
         positions = unpack_codes(tensors["index"], 2, cols // 2)
         columns = positions + torch.arange(cols // 2, device=positions.device).div(2, rounding_mode="floor") * 4
         return torch.zeros(rows, cols, dtype=torch.float32, device=kept.device).scatter_(1, columns, kept)
-    return table[unpack_codes(tensors["codes"], bits, cols)] * scale
+    values = table[unpack_codes(tensors["codes"], bits, cols)]
+    return (values.reshape(rows, scale.shape[1], -1) * scale).reshape(rows, cols)
 
 
 # -- the integer path -----------------------------------------------------------------------------------------------
@@ -259,9 +331,11 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.meta = meta
         self.hadamard = meta["hadamard"]
+        self.hadamard_block = meta.get("hadamard_block", quantizers.HADAMARD_BLOCK)
         self.act_quant = act_quant
         transform_back = self.hadamard == "full" and meta["weight_quantized"]
-        self.register_buffer("weight", quantizers.hadamard_transform(weight_q) if transform_back else weight_q)
+        weight = quantizers.hadamard_transform(weight_q, self.hadamard_block) if transform_back else weight_q
+        self.register_buffer("weight", weight)
         self.register_buffer("weight_codes", codes)  # odd integer codes, for the integer path
         self.register_buffer("weight_half_step", half_step)  # step / 2 per row (exact), for the integer path
         self.int_path = False
@@ -272,7 +346,8 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         out, inp = self.weight.shape
-        return f"in_features={inp}, out_features={out}, format={self.meta['format']}, hadamard={self.hadamard}"
+        block = f", hadamard_block={self.hadamard_block}" if self.hadamard and self.hadamard_block != 128 else ""
+        return f"in_features={inp}, out_features={out}, format={self.meta['format']}, hadamard={self.hadamard}{block}"
 
     def _quantize_act(self, x: Tensor) -> Tensor:
         """``QuantLinear._quantize(x, act_quant, "act")``, PyTorch path."""
@@ -280,9 +355,10 @@ class PackedLinear(nn.Module):
             return x
         if self.hadamard is None:
             return self.act_quant(x)
-        q = self.act_quant(quantizers.hadamard_transform(x.to(torch.promote_types(x.dtype, torch.float32))))
+        block = self.hadamard_block
+        q = self.act_quant(quantizers.hadamard_transform(x.to(torch.promote_types(x.dtype, torch.float32)), block))
         if self.hadamard == "full":
-            q = quantizers.hadamard_transform(q)
+            q = quantizers.hadamard_transform(q, block)
         return q.to(x.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -293,7 +369,7 @@ class PackedLinear(nn.Module):
     def _forward_int(self, x: Tensor) -> Tensor:
         x32 = x.float()
         if self.hadamard is not None:
-            x32 = quantizers.hadamard_transform(x32)
+            x32 = quantizers.hadamard_transform(x32, self.hadamard_block)
         values = self.act_quant(x32).float()
         half_step = int_step(self.act_quant, x32) / 2  # exact halving
         codes = odd_codes(values, 2 * half_step)
@@ -377,11 +453,17 @@ def _act_meta(layer) -> dict | None:
     if est is None:
         return None
     grid = getattr(est, "quantizer", None)
+    grid_options = {}
+    if grid is not None and grid.group_size is not None and grid.fixed_group_size is None:
+        grid_options["group_size"] = grid.group_size
+    if getattr(grid, "scale_rule", None) is not None:
+        grid_options["scale_rule"] = grid.scale_rule
     return {
         "estimator": est.name,
         "grid": None if grid is None else grid.name,
         "bits": None if grid is None else grid.bits,
         "options": {k: v for k, v in vars(est).items() if k in ("trust", "clip_scale", "per_row")},
+        "grid_options": grid_options,
         "rows": est.step.shape[0] if est.name == "lsq" and est.per_row else None,
     }
 
@@ -409,6 +491,7 @@ def export_packed(module, out_dir: str | Path, tokenizer: str | Path | None = No
                 tensors |= {f"{name}.act_quant.{k}": v.clone() for k, v in m.act_quant.state_dict().items()}
             layers[name] = enc.meta | {
                 "hadamard": m.hadamard,
+                "hadamard_block": m.hadamard_block,
                 "weight_quantized": m.weight_quant is not None,
                 "act": _act_meta(m),
                 "shape": list(m.weight.shape),
@@ -460,10 +543,10 @@ def read_packed(path: str | Path) -> tuple[dict[str, Tensor], dict]:
             raise ConfigError(f"{str(path)!r}: not a QuEST-PL packed export (no quest_pl metadata)")
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     config = json.loads(meta)
-    if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
+    if config.get("format") != FORMAT or config.get("format_version") not in READS_VERSIONS:
         raise ConfigError(
             f"{str(path)!r}: format {config.get('format')} v{config.get('format_version')}, "
-            f"this loader reads {FORMAT} v{FORMAT_VERSION}"
+            f"this loader reads {FORMAT} v{', v'.join(map(str, READS_VERSIONS))}"
         )
     return tensors, config
 
@@ -474,7 +557,8 @@ def _build_act_quant(meta: dict | None, state: dict[str, Tensor]) -> nn.Module |
     if meta is None:
         return None
     rows = meta.get("rows") or None
-    est = OperandSpec(meta["grid"], meta["bits"], meta["estimator"], meta["options"]).build(rows=rows)
+    spec = OperandSpec(meta["grid"], meta["bits"], meta["estimator"], meta["options"], meta.get("grid_options", {}))
+    est = spec.build(rows=rows)
     if state:
         est.load_state_dict(state)
     return est.eval()
@@ -493,7 +577,7 @@ def load_packed(path: str | Path) -> tuple[nn.Module, dict]:
         act_state = {k[len("act_quant.") :]: v for k, v in own.items() if k.startswith("act_quant.")}
         weight_q = decode_weight(own, meta)
         codes = half = None
-        if meta["format"] in ("int", "int_sparse24"):
+        if meta["format"] in ("int", "int_sparse24") and not meta.get("group_size"):  # per-row steps only
             half = own["scale"].float() / 2
             codes = odd_codes(weight_q, own["scale"].float().reshape(-1, 1))
         layer = PackedLinear(weight_q, meta, _build_act_quant(meta["act"], act_state), codes, half)
@@ -519,9 +603,9 @@ def effective_weight(layer: nn.Module, drop_act_quant: bool = False) -> Tensor:
     with torch.no_grad():
         if isinstance(layer, QuantLinear):
             w = layer._quantize(layer.weight, layer.weight_quant, "weight").float()
-            act, hadamard = layer.act_quant, layer.hadamard
+            act, hadamard, block = layer.act_quant, layer.hadamard, layer.hadamard_block
         elif isinstance(layer, PackedLinear):
-            w, act, hadamard = layer.weight.float(), layer.act_quant, layer.hadamard
+            w, act, hadamard, block = layer.weight.float(), layer.act_quant, layer.hadamard, layer.hadamard_block
         else:
             return layer.weight.detach().float()
         if act is None:
@@ -531,7 +615,7 @@ def effective_weight(layer: nn.Module, drop_act_quant: bool = False) -> Tensor:
                 "a model with quantized activations has no exact full-precision equivalent (Qa is not linear); "
                 "export it for Hugging Face with --hf-drop-act-quant (weights only: activations in full precision)"
             )
-        return quantizers.hadamard_transform(w) if hadamard == "half" else w
+        return quantizers.hadamard_transform(w, block) if hadamard == "half" else w
 
 
 def _rope_halves(w: Tensor, n_head: int) -> Tensor:
@@ -624,6 +708,15 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.2f} MiB"
 
 
+def check_paths(out_dir: str | None = None, hf: str | None = None, tokenizer: str | None = None) -> None:
+    """One-line errors, before any work, for output directories that are files and a tokenizer that is not one."""
+    for key, path in (("out_dir", out_dir), ("--hf", hf)):
+        if path is not None and Path(path).exists() and not Path(path).is_dir():
+            raise ConfigError(f"{key}={path!r}: exists and is not a directory")
+    if tokenizer is not None and not Path(tokenizer).expanduser().is_file():
+        raise ConfigError(f"--tokenizer={tokenizer!r}: no such file (expected a tokenizer.json)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m quest_pl.export", description="Export a checkpoint as a packed low-bit safetensors model."
@@ -640,6 +733,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        check_paths(out_dir=args.out_dir, hf=args.hf, tokenizer=args.tokenizer)
         module, ckpt = module_from_checkpoint(args.checkpoint, key="checkpoint")
         tokenizer = args.tokenizer or find_tokenizer(args.checkpoint)
         if tokenizer is None:

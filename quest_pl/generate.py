@@ -12,6 +12,7 @@ The context is the last ``model.seq_len`` tokens (the positions the model was tr
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -42,10 +43,10 @@ def generate(
         if temperature == 0:
             token = int(logits.argmax())
         else:
-            logits = logits / temperature
             if top_k is not None and top_k < logits.numel():
                 kth = torch.topk(logits, top_k).values[-1]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
+            logits = (logits - logits.max()) / temperature  # max first: a tiny T gives 0 and -inf, never inf - inf
             token = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
         new.append(token)
         if token == eos_id:
@@ -75,6 +76,7 @@ def load_for_generation(path: str | Path, tokenizer: str | Path | None = None, d
 
 def main(argv: list[str] | None = None) -> int:
     from quest_pl.data import EOS
+    from quest_pl.export import check_paths
 
     p = argparse.ArgumentParser(prog="python -m quest_pl.generate", description=__doc__.split("\n")[0])
     p.add_argument("checkpoint", help="a .ckpt this project wrote, or a `python -m quest_pl.export` directory")
@@ -89,10 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.max_new_tokens < 1:
             raise ConfigError(f"--max-new-tokens={args.max_new_tokens}: expected an integer >= 1")
-        if args.temperature < 0:
-            raise ConfigError(f"--temperature={args.temperature}: expected a number >= 0")
+        if not math.isfinite(args.temperature) or args.temperature < 0:
+            raise ConfigError(f"--temperature={args.temperature}: expected a finite number >= 0")
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device={args.device}: CUDA is not available here; use --device cpu")
         if args.top_k is not None and args.top_k < 1:
             raise ConfigError(f"--top-k={args.top_k}: expected an integer >= 1")
+        check_paths(tokenizer=args.tokenizer)
         model, tok = load_for_generation(args.checkpoint, args.tokenizer, args.device)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -168,9 +168,17 @@ class PTQConfig:
         if not isinstance(p.get("hadamard", True), bool):
             raise ConfigError(f"ptq.hadamard={p.get('hadamard')!r}: expected true or false")
         g = p.get("group_size")
-        if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g < 1 or g % quantizers.HADAMARD_BLOCK):
+        from quest_pl.quantizers.base import GROUP_SIZES
+
+        if g is not None and (
+            not isinstance(g, int)
+            or isinstance(g, bool)
+            or g < 1
+            or (g % quantizers.HADAMARD_BLOCK and g not in GROUP_SIZES)
+        ):
             raise ConfigError(
-                f"ptq.group_size={g!r}: expected null (per row) or a multiple of {quantizers.HADAMARD_BLOCK}"
+                f"ptq.group_size={g!r}: expected null (per row), a power of two 2-1024 (as quant.group_size) or a "
+                f"multiple of {quantizers.HADAMARD_BLOCK}"
             )
         calib = p.get("calib_batches", 16)
         if not isinstance(calib, int) or isinstance(calib, bool) or calib < 1:

@@ -592,7 +592,8 @@ def write_markdown(rows: list[dict], jobs: list[dict], path: Path, sweep_dir: Pa
         markdown_table(rows),
         "",
         "val_loss: final validation loss (nats/token), mean ± sample std over seeds. bits/elem: "
-        "storage bits per element including scales (per-row scales over rows of d_model, 16-bit). Δ BF16: paired "
+        "storage bits per element including scales (a 16-bit scale per row of d_model or per group; MXFP4/NVFP4 their "
+        "8-bit E8M0/E4M3 group scales, NVFP4's per-tensor scale not counted). Δ BF16: paired "
         "difference to the BF16 arm of the same seed (same initialisation and data order), mean and 95 % Student-t "
         "interval over seeds; 'not significant' when the interval contains 0. align_mean / align_block0: mean cosine "
         "of quantized vs full-precision gradient (whole model / block 0) over logged steps after step 0; mask_frac: "

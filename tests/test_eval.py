@@ -56,6 +56,19 @@ def test_evaluate_refuses_another_quantization(trained, tmp_path):
     same = evaluate(trained, tmp_path / "same", "quant=quest_w4a4", "quant.kernel=torch")  # same computation: fine
     bf16 = evaluate(trained, tmp_path / "bf16", "quant=bf16", "eval.allow_quant_change=true")
     assert bf16["quant"] == "bf16" and bf16["val/loss"] != same["val/loss"]
+    # quant.* keys without a quant= group change the checkpoint's own quantization, not the default (bf16) one
+    from quest_pl.evaluate import evaluate as evaluate_fn
+
+    def bare(out, *overrides):  # no experiment=smoke: the composed quant is the default bf16
+        cfg = compose("trainer.enable_progress_bar=false", "callbacks=none", f"eval.from={ckpt}", *overrides)
+        return evaluate_fn(cfg, tmp_path / out, overrides=list(overrides))
+
+    ckpt = trained[0] / "checkpoints" / "last.ckpt"
+    assert bare("kernel", "quant.kernel=torch")["val/loss"] == same["val/loss"]
+    with pytest.raises(ConfigError, match=r"quant='quest_w4a4' with quant\.a_bits=8: differs from the quantization"):
+        bare("a8", "quant.a_bits=8")
+    a8 = bare("a8", "quant.a_bits=8", "eval.allow_quant_change=true")
+    assert a8["quant"] == "quest_w4a4" and a8["val/loss"] not in (same["val/loss"], bf16["val/loss"])
 
 
 def test_perplexity_on_a_text_file(trained, tmp_path):
@@ -105,6 +118,9 @@ def test_generate_is_deterministic_with_a_seed(trained):
     assert greedy[0] == first
     top1 = generate(model, prompt, 5, temperature=1.0, top_k=1, seed=9)
     assert top1 == greedy  # top-k 1 is greedy whatever the seed
+    assert generate(model, prompt, 5, temperature=1e-40, seed=9) == greedy  # logits / T overflows fp32: still greedy
+    vocab = model.cfg.vocab_size  # top-k beyond the vocabulary samples from the whole vocabulary
+    assert generate(model, prompt, 5, top_k=vocab + 1000, seed=9) == generate(model, prompt, 5, top_k=None, seed=9)
 
 
 def test_export_command_and_generate_from_the_export(trained, tmp_path):
@@ -145,13 +161,16 @@ def test_evaluate_on_another_data_config_uses_the_checkpoints_tokenizer(trained,
     metrics = evaluate(trained, tmp_path / "run", "data=text_file", f"data.path={text}", "data.chunks_per_file=8")
     assert metrics["data"] == f"text_file:{text}" and 0 < metrics["val/loss"] < math.log(2048) + 1
     ckpt = trained[0] / "checkpoints" / "last.ckpt"
-    tok = find_tokenizer(ckpt)
-    assert tok.is_file() and tok.name == "tokenizer.json"
-    (trained[0] / "tokenizer.json").write_text(tok.read_text())  # a run directory's own copy wins
-    try:
-        assert find_tokenizer(ckpt) == trained[0] / "tokenizer.json"
+    own = trained[0] / "tokenizer.json"
+    assert own.is_file()  # training keeps a copy of its tokenizer in the run directory ...
+    assert find_tokenizer(ckpt) == own  # ... and it is the one used
+    saved = own.read_bytes()
+    own.unlink()
+    try:  # without it: the token cache named by the run's config
+        cached = find_tokenizer(ckpt)
+        assert cached != own and cached.name == "tokenizer.json" and cached.read_bytes() == saved
     finally:
-        (trained[0] / "tokenizer.json").unlink()
+        own.write_bytes(saved)
 
 
 def test_generate_command(trained, capsys):
@@ -165,3 +184,29 @@ def test_generate_command(trained, capsys):
     assert first.startswith("ROMEO:") and capsys.readouterr().out == first
     assert main([ckpt, "--temperature", "-1"]) == 2
     assert "error: --temperature=-1.0" in capsys.readouterr().err
+    assert main([ckpt, "--temperature", "nan"]) == 2
+    assert "error: --temperature=nan" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main([ckpt, "--device", "cuda"]) == 2
+        assert capsys.readouterr().err.startswith("error: --device=cuda")
+
+
+def test_export_and_generate_refuse_bad_paths_in_one_line(trained, tmp_path, capsys):
+    from quest_pl.export import main as export_main
+    from quest_pl.generate import main as generate_main
+
+    ckpt = str(trained[0] / "checkpoints" / "last.ckpt")
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    out, none = str(tmp_path / "out"), str(tmp_path / "none.json")
+    for args, message in [
+        ([ckpt, str(a_file)], "error: out_dir="),
+        ([ckpt, out, "--tokenizer", none], "error: --tokenizer="),
+        ([ckpt, out, "--hf", str(a_file), "--hf-drop-act-quant"], "error: --hf="),  # transformers only logs this
+    ]:
+        assert export_main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(message) and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()  # refused before any work
+    assert generate_main([ckpt, "--tokenizer", none, "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.startswith("error: --tokenizer=")

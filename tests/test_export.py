@@ -76,11 +76,28 @@ CASES = [
     quant("int_sparse24", 4, 4, "half", w_grid="int_sparse24", a_grid="gaussian_mse"),
     quant("gaussian_mse", None, 4, "half"),  # activations only: the weight stays in full precision
 ]
+# Group scales, the block formats and Hadamard blocks other than 128 (docs/METHOD.md §1.8; group scales nest with it).
+GROUPED = [
+    quant("gaussian_mse", 4, 4, "half", group_size=32),
+    quant("gaussian_mse", 2, None, "full", group_size=16),
+    quant("lloyd_max", 4, 4, None, group_size=32),
+    quant("fp4", 4, None, "half", group_size=16),
+    quant("int_sparse24", 4, None, "half", group_size=32),
+    quant("mxfp4", 4, 4, "half", scale_rule="absmax", hadamard_block=32),
+    quant("mxfp4", 4, None, "full", scale_rule="gaussian", hadamard_block=32),
+    quant("nvfp4", 4, 4, "half", scale_rule="absmax", hadamard_block=16),
+    quant("nvfp4", 4, 4, "full", scale_rule="four_over_six", hadamard_block=16),
+    quant("nvfp4", 4, None, None, scale_rule="gaussian"),
+    quant("gaussian_mse", 4, 4, "half", hadamard_block=32),
+    quant("gaussian_mse", 4, None, "half", hadamard_block=16),
+]
+CASES += GROUPED
 
 
 def case_id(q):
     form = q["hadamard_mode"] if q["hadamard"] else "nohad"
-    return f"{q['grid']}-w{q['w_bits']}a{q['a_bits']}-{form}-{q['estimator']}"
+    extra = "".join(f"-{k}{q[k]}" for k in ("group_size", "scale_rule", "hadamard_block") if k in q)
+    return f"{q['grid']}-w{q['w_bits']}a{q['a_bits']}-{form}-{q['estimator']}{extra}"
 
 
 # Every grid, bits, Hadamard form and operand set runs in the default suite; the rest of the cross product is slow.
@@ -91,6 +108,10 @@ CORE = {
     "lloyd_max-w4aNone-half-trust", "fp4-w4a4-full-trust", "fp4-w4aNone-half-trust", "int_sparse24-w4a4-nohad-trust",
     "int_sparse24-w4aNone-half-trust", "ternary-w1.585a1.585-half-trust", "gaussian_mse-w4a4-full-pact",
     "gaussian_mse-w4aNone-nohad-lsq", "gaussian_mse-wNonea4-half-trust",
+    "gaussian_mse-w4a4-half-trust-group_size32", "lloyd_max-w4a4-nohad-trust-group_size32",
+    "mxfp4-w4a4-half-trust-scale_ruleabsmax-hadamard_block32",
+    "nvfp4-w4a4-full-trust-scale_rulefour_over_six-hadamard_block16",
+    "gaussian_mse-w4aNone-half-trust-hadamard_block16",
 }  # fmt: skip
 
 
@@ -108,6 +129,7 @@ def test_reload_is_bit_exact(q, tmp_path):
     assert torch.equal(want, got)  # to the last bit: SQNR infinite
     layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
     assert len(layers) == 4 and all(m.hadamard == (q["hadamard_mode"] if q["hadamard"] else None) for m in layers)
+    assert all(m.meta["format"] != "dense" for m in layers if q["w_bits"] is not None)  # the weights are packed
 
 
 def test_sizes_match_the_layout(tmp_path):
@@ -133,6 +155,30 @@ def test_sizes_match_the_layout(tmp_path):
     assert sparse["quantized_linear_bits_per_weight"] == pytest.approx(
         8 * (weights * 3 // 8 + 4 * rows + 4 * 16 * 4) / weights
     )  # 2:4 at 4 bits: half the codes (2 bits/weight) + a 2-bit position per kept code (1 bit/weight)
+
+
+@pytest.mark.parametrize(
+    ("q", "scale_bytes_per_group", "group"),
+    [(quant("gaussian_mse", 4, None, "half", group_size=32), 4, 32),  # fp32 step per group
+     (quant("mxfp4", 4, None, "half", scale_rule="absmax", hadamard_block=32), 1, 32),  # E8M0 byte per group
+     (quant("nvfp4", 4, None, "half", scale_rule="four_over_six", hadamard_block=16), 1, 16)],  # E4M3 byte per group
+    ids=["int4-g32", "mxfp4", "nvfp4"],
+)  # fmt: skip
+def test_group_scale_sizes_match_the_layout(q, scale_bytes_per_group, group, tmp_path):
+    sizes = export_packed(qat_module(q), tmp_path)
+    tensors, config = read_packed(tmp_path)
+    weights = overhead = 0
+    for name, meta in config["layers"].items():
+        rows, cols = meta["shape"]
+        assert meta["group_size"] == group
+        assert tensors[f"{name}.codes"].shape == (rows, cols // 2)  # two 4-bit codes per byte
+        assert tensors[f"{name}.scale"].shape == (rows, cols // group)
+        assert tensors[f"{name}.scale"].element_size() == scale_bytes_per_group
+        weights += rows * cols
+        overhead += 4 * 16 + (4 if q["grid"] in ("mxfp4", "nvfp4") else 0)  # code table, fp32 tensor scale
+    assert sizes["quantized_linear_bytes"] == weights // 2 + weights // group * scale_bytes_per_group + overhead
+    # MXFP4 4.25 and NVFP4 4.5 bits per weight as the formats specify (plus the table and tensor scale)
+    assert sizes["quantized_linear_bits_per_weight"] == pytest.approx(4 + 8 * scale_bytes_per_group / group, abs=0.01)
 
 
 def test_export_refuses_what_it_cannot_reproduce(tmp_path, monkeypatch):
@@ -203,7 +249,12 @@ def test_full_model_integer_path_close_to_fake(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("q", [quant("gaussian_mse", 4, 4, "half"), quant("fp4", 4, None, "full")], ids=case_id)
+@pytest.mark.parametrize(
+    "q",
+    [quant("gaussian_mse", 4, 4, "half"), quant("fp4", 4, None, "full"),
+     quant("nvfp4", 4, None, "half", scale_rule="four_over_six", hadamard_block=16)],
+    ids=case_id,
+)  # fmt: skip
 def test_reload_on_cuda_float_and_integer_paths(q, tmp_path):
     """Bit-exactness is a CPU property (the CPU tests above): on CUDA the quantizer's row reductions and the GEMMs
     sum in another order, so a recomputed scale can differ in its last bit. What must hold on CUDA: the decoded
@@ -229,7 +280,14 @@ def test_reload_on_cuda_float_and_integer_paths(q, tmp_path):
 
 @pytest.mark.parametrize(
     "q",
-    [None, quant("gaussian_mse", 4, None, "half"), quant("fp4", 4, None, "full"), quant("gaussian_mse", 2, 2, "half")],
+    [
+        None,
+        quant("gaussian_mse", 4, None, "half"),
+        quant("fp4", 4, None, "full"),
+        quant("gaussian_mse", 2, 2, "half"),
+        quant("gaussian_mse", 4, 4, "half", hadamard_block=32),
+        quant("nvfp4", 4, None, "half", hadamard_block=16),
+    ],
     ids=lambda q: "bf16" if q is None else case_id(q),
 )
 def test_hugging_face_export_gives_the_same_logits(q, tmp_path):
@@ -254,7 +312,7 @@ def test_hugging_face_export_gives_the_same_logits(q, tmp_path):
                 layer.weight_quant = None
                 from quest_pl.quantizers import hadamard_transform
 
-                layer.weight.data = hadamard_transform(layer.weight.data)
+                layer.weight.data = hadamard_transform(layer.weight.data, layer.hadamard_block)
             layer.act_quant = None
             layer.hadamard = None if layer.weight_quant is None else layer.hadamard
     idx = tokens()

@@ -40,3 +40,21 @@ def test_json_has_no_bare_nan(tmp_path):
     text = p.read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"val/loss": None, "steps": [1.0, None], "ok": 1}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_written_file_has_the_permissions_open_would_give(tmp_path, umask):
+    """A checkpoint, export or metrics file is readable by whoever a plain open() would let read it (mkstemp alone
+    creates 0600: a shared run or export directory would be unreadable to colleagues)."""
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+        with open(tmp_path / "b.json", "w") as f:
+            f.write("{}")
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((tmp_path / "a.json").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "b.json").stat().st_mode) == 0o666 & ~umask

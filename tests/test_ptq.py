@@ -41,7 +41,7 @@ def ptq_eval(trained, tmp_path, **kw):
 
 @pytest.mark.parametrize("grid,bits,hadamard,group", [
     ("gaussian_mse", 4, True, None), ("gaussian_mse", 2, False, None), ("lloyd_max", 3, True, None),
-    ("fp4", 4, True, 128), ("int_sparse24", 4, True, None), ("uniform", 8, False, 128),
+    ("fp4", 4, True, 128), ("int_sparse24", 4, True, None), ("uniform", 8, False, 128), ("gaussian_mse", 4, True, 32),
 ])  # fmt: skip
 def test_weights_match_quantizer_on_rotated_checkpoint(trained, grid, bits, hadamard, group):
     from quest_pl import quantizers
@@ -126,6 +126,22 @@ def test_ptq_errors_are_one_line(trained, tmp_path):
     for args, message in cases.items():
         with pytest.raises(ConfigError, match=message):
             run(compose(*args), tmp_path / "run")
+
+
+def test_ptq_group_sizes_include_those_of_qat():
+    """ptq.group_size takes the group sizes quant.group_size takes (powers of two, e.g. the format ablation's 32), and
+    multiples of the Hadamard block."""
+    from omegaconf import OmegaConf
+
+    from quest_pl.config import CONFIG_DIR, ConfigError
+    from quest_pl.ptq import PTQConfig
+
+    base = OmegaConf.load(CONFIG_DIR / "ptq" / "default.yaml")
+    for g in (16, 32, 64, 128, 384):
+        assert PTQConfig.from_cfg(OmegaConf.merge(base, {"group_size": g})).group_size == g
+    for g in (0, 24, 100):
+        with pytest.raises(ConfigError, match=f"ptq.group_size={g}: expected"):
+            PTQConfig.from_cfg(OmegaConf.merge(base, {"group_size": g}))
 
 
 def test_cli_ptq_missing_checkpoint(tmp_path):

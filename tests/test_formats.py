@@ -111,6 +111,19 @@ def test_e8m0_scales_are_powers_of_two_in_the_dtype():
     assert ((torch.log2(n.double()) - torch.log2(v.double())).abs() <= 0.5 + 1e-9).all()
 
 
+def test_e8m0_nearest_switches_exactly_at_the_log2_midpoint():
+    """2^k is nearer in log2 than 2^(k+1) iff v < 2^(k + 1/2) = sqrt(2) 2^k; no fp32 value equals that threshold, so the
+    fp32 values either side of it (fp32 rounds 2^-0.5 down, below the threshold) must round to 2^k and 2^(k+1)."""
+    k = torch.arange(-20, 21, dtype=torch.float64)
+    mid = torch.exp2(k + 0.5)
+    below = mid.float()  # fp32 rounding of sqrt(2) 2^k is below it: its nearest power of two is 2^k
+    assert (below.double() < mid).all()
+    above = torch.nextafter(below, torch.tensor(float("inf")))
+    assert (above.double() > mid).all()
+    assert torch.equal(e8m0_nearest(below), torch.exp2(k).float())
+    assert torch.equal(e8m0_nearest(above), torch.exp2(k + 1).float())
+
+
 # ---- MXFP4 and NVFP4 against their specs
 def e2m1_set(t: torch.Tensor) -> bool:
     allowed = torch.tensor([v for v, _ in e2m1_codes()])

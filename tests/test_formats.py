@@ -1,6 +1,8 @@
 """Group scales for every grid, and the block-scaled FP4 formats (MXFP4, NVFP4) against their definitions: E2M1 values
 and rounding, E8M0 / E4M3 scale encodings and rounding, saturation, underflow, and the relative MSE on N(0,1) rows
-against a numerically integrated theory (the group maximum's distribution)."""
+against a numerically integrated theory: the absmax rules and NVFP4's four-over-six through the law of the group
+maximum, QuEST's Gaussian fit (`gaussian` rule) through the closed-form MSE at a known scale and the law of the group
+RMS."""
 
 import itertools
 import math
@@ -193,6 +195,7 @@ checks it against the argmin of the closed-form MSE."""
 
 
 def e4m3_round(v: torch.Tensor) -> torch.Tensor:
+    """Nearest E4M3 value (ties to even, saturating at 448), float64, from the decoded table."""
     return round_to_table(v, e4m3_values())
 
 

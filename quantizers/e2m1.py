@@ -64,9 +64,12 @@ def e8m0_floor(v: Tensor) -> Tensor:
 
 
 def e8m0_nearest(v: Tensor) -> Tensor:
-    """The power of two nearest to v in log2 (2^floor(log2 v) or twice that), in the E8M0 range."""
+    """The power of two nearest to v in log2 (2^floor(log2 v) or twice that), in the E8M0 range.
+
+    With v = m 2^e (m in [0.5, 1)) that is 2^e iff m >= 2^-0.5. The comparison is in float64: fp32 rounds 2^-0.5 down,
+    which would send the one fp32 mantissa just below the true midpoint up."""
     mantissa, exponent = torch.frexp(v)
-    exponent = exponent - 1 + (mantissa >= 2**-0.5).int()
+    exponent = exponent - 1 + (mantissa.double() >= 2**-0.5).int()
     return torch.ldexp(torch.ones_like(v), exponent.clamp_(E8M0_MIN_EXP, E8M0_MAX_EXP))
 
 

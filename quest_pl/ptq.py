@@ -298,16 +298,20 @@ class PTQConfig:
         except ValueError as e:
             raise ConfigError(f"ptq.{group_key}={group_size!r} with grid {grid!r}: {e}") from None
 
-    def bits_per_element(self, row_length: int) -> str:
+    def bits_per_element(self, row_length: int) -> str | None:
         """Storage bits per element including scales, ``"W4.5A4.5"``, as the report counts a QAT arm's
         (:func:`quest_pl.quant.format_bits_per_element`, rows of ``row_length``); None for AQLM (its ``metrics.json``
         counts codebooks and scales: :func:`ptq_row`)."""
         from quest_pl.quant import format_bits_per_element
 
+        if self.method == "aqlm":
+            return None
         weight, act = self.build_quantizers()
-        if weight is not None and self.group_size and weight.group_size is None:  # a PTQ-only group (e.g. 384)
-            row_length = self.group_size
-        return format_bits_per_element(weight, act, row_length)
+        if not self.group_size or weight.group_size is not None:
+            return format_bits_per_element(weight, act, row_length)
+        # a PTQ-only weight group (e.g. 384): the per-row grid's "row" is the group; activations stay per token
+        w = format_bits_per_element(weight, None, self.group_size).partition("A")[0]
+        return w + "A" + format_bits_per_element(None, act, row_length).partition("A")[2]
 
 
 SCALAR_KEYS = ("grid", "bits", "hadamard", "group_size", "act_bits", "act_grid", "scale_rule", "act_group_size",

@@ -261,6 +261,8 @@ def test_ptq_rows_count_bits_per_element_as_qat_rows():
         )
         assert ptq_row(weight_only, metrics, row_length=128)["bits_per_elem"] == f"W{bits:g}A16"
         assert bits_per_element(dict(q, a_bits=None), 128) == f"W{bits:g}A16"
+    # a PTQ-only weight group (384, no power of two): its scales per 384 weights; activations per token of 128
+    assert PTQConfig(group_size=384, act_bits=4).bits_per_element(128) == f"W{4 + 16 / 384:.4g}A{4 + 16 / 128:g}"
     aqlm = ptq_row(PTQConfig(method="aqlm", bits=2), dict(metrics, aqlm={"bits_per_weight": 2.75}), row_length=128)
     assert aqlm["bits_per_elem"] == "W2.75A16"
 

@@ -1,16 +1,21 @@
 """Post-training quantization (PTQ) of a trained checkpoint: data-free HIGGS-style grids, or calibrated AQLM (below).
 
 Every linear that QAT would quantize (those inside the transformer blocks, :func:`quest_pl.quant.quantize_model`) gets
-its weight replaced, once and without data, by ``Q(W H)``: the block-128 Hadamard H along ``in_features`` (optional),
-then any ``quantizers`` grid with per-row scales, or per group of ``g`` elements along the row (``g`` a multiple of
-128). At inference the input is rotated the same way, ``y = Qa(x H) Q(W H)^T``: QuantLinear's half form
-(METHOD.md §1.8), with the activation quantizer ``Qa`` optional (W4A16 or W4A4). Embeddings, ``lm_head`` and norms
-stay as trained.
+its weight replaced, once and without data, by ``Q(W H)``: the block Hadamard H along ``in_features`` (optional; block
+``ptq.hadamard_block``, 128 by default), then any ``quantizers`` grid, built by the same ``quantizers.build(grid, bits,
+group_size=..., scale_rule=...)`` call as a QAT arm's operand (``quest_pl.quant.OperandSpec``) and applied as
+QAT's ``QuantLinear`` applies it (fp32 rotation, then the grid), so a PTQ weight is bit for bit the weight a QAT arm
+of the same format would see: per-row scales, per group of ``g`` elements along the row (``ptq.group_size``, as
+``quant.group_size``; or, PTQ only, a multiple of 128), the block formats' groups (mxfp4: 32, nvfp4: 16) with their
+``ptq.scale_rule``. At inference the input is rotated the same way, ``y = Qa(x H) Q(W H)^T``: QuantLinear's half form
+(METHOD.md §1.8), with the activation quantizer ``Qa`` optional (W4A16 or W4A4; per token, or per group of
+``ptq.act_group_size``). Embeddings, ``lm_head`` and norms stay as trained.
 
 Command line (``experiments/config.yaml``, group ``ptq``)::
 
     python run.py ptq.from=outputs/bf16/<time>/checkpoints/last.ckpt ptq.grid=gaussian_mse ptq.bits=4 \
         ptq.hadamard=true [ptq.act_bits=4] [ptq.group_size=128]
+    python run.py ptq.from=<ckpt> ptq.grid=nvfp4 ptq.scale_rule=four_over_six ptq.hadamard_block=16 ptq.act_bits=4
 
 evaluates on the validation split of the run that wrote the checkpoint (its ``.hydra/config.yaml``; else the composed
 ``data`` group), logs ``val/loss`` and ``val/ppl`` to TensorBoard at the checkpoint's step and writes ``metrics.json``.
@@ -50,6 +55,7 @@ from torch import nn
 from quest_pl import quantizers
 from quest_pl.config import ConfigError
 from quest_pl.io import atomic_write_json
+from quest_pl.quantizers.base import GROUP_SIZES
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +106,10 @@ class AQLMSettings:
 
 @dataclass(frozen=True)
 class PTQConfig:
-    """What PTQ does to every block linear: weight grid and bits, Hadamard, scale granularity, activations; or, with
-    ``method="aqlm"``, additive vector quantization calibrated on ``calib_batches`` training batches."""
+    """What PTQ does to every block linear: weight grid and bits, Hadamard (and its block), scale granularity and
+    scale rule, activations; or, with ``method="aqlm"``, additive vector quantization calibrated on ``calib_batches``
+    training batches. The grids are ``quantizers.build(grid, bits, group_size=..., scale_rule=...)``, the call QAT's
+    ``quest_pl.quant.OperandSpec.build_grid`` makes, so every format a QAT arm trains has its PTQ setting."""
 
     grid: str = "gaussian_mse"
     bits: float = 4
@@ -112,10 +120,16 @@ class PTQConfig:
     method: str = "scalar"  # scalar (a data-free grid) | aqlm (calibrated additive quantization)
     calib_batches: int = 16  # aqlm: training batches whose activations calibrate every layer
     aqlm: AQLMSettings = field(default_factory=AQLMSettings)
+    scale_rule: str | None = None  # block formats (mxfp4, nvfp4): the group scale rule; None: the format's default
+    act_group_size: int | None = None  # None: one scale per token (row); g: one per g elements (as quant.group_size)
+    hadamard_block: int = quantizers.HADAMARD_BLOCK  # the Hadamard's block size (as quant.hadamard_block)
 
     @property
     def name(self) -> str:
-        """``ptq_<grid>[_nohad][_g<g>]_w<b>a<b>``, e.g. ``ptq_gaussian_mse_w4a16``; for AQLM
+        """``ptq_<grid>[_<scale rule>][_nohad][_h<block>][_g<g>][_ag<g>]_w<b>a<b>``, e.g. ``ptq_gaussian_mse_w4a16``,
+        ``ptq_nvfp4_4over6_h16_w4a4`` (the format ablation's ``nvfp4_4over6`` arm), ``ptq_gaussian_mse_g32_w4a4``
+        (``int4_g32``: weight and activation groups of 32; ``_ag<g>`` only when the activation group differs); the
+        format's default scale rule and the block-128 Hadamard are unnamed. For AQLM
         ``aqlm[_<M>x<B>][_g<g>][_nohad][_ft]_w<b>[a<b>]`` (the paper's 2x8 at g = 8 unnamed), e.g. ``aqlm_w2``."""
         a = "16" if self.act_bits is None else f"{float(self.act_bits):g}"
         if self.method == "aqlm":
@@ -124,8 +138,14 @@ class PTQConfig:
             parts += ([] if s.group_size == 8 else [f"g{s.group_size}"]) + ([] if self.hadamard else ["nohad"])
             parts += ["ft"] if s.finetune_steps else []
             return "_".join(parts) + f"_w{float(self.bits):g}" + ("" if self.act_bits is None else f"a{a}")
-        parts = ["ptq", self.grid] + ([] if self.hadamard else ["nohad"])
+        rule = named_scale_rule(self.grid, self.scale_rule)
+        parts = ["ptq", self.grid] + ([SCALE_RULE_TAGS.get(rule, rule)] if rule else [])
+        parts += ["nohad"] if not self.hadamard else []
+        block = self.hadamard_block
+        parts += [f"h{block}"] if self.hadamard and block != quantizers.HADAMARD_BLOCK else []
         parts += [f"g{self.group_size}"] if self.group_size else []
+        act_group = self.act_group_size if self.act_bits is not None else None
+        parts += [f"ag{act_group}"] if act_group and act_group != self.group_size else []
         return "_".join(parts) + f"_w{float(self.bits):g}a{a}"
 
     @property
@@ -140,18 +160,20 @@ class PTQConfig:
 
     def settings(self) -> dict:
         """What this setting is, for ``metrics.json``, TensorBoard and the sweep cache: the scalar keys for a scalar
-        grid (as before AQLM existed), and the method, calibration and AQLM keys for AQLM."""
+        grid, and the method, calibration and AQLM keys for AQLM."""
         d = asdict(self)
         if self.method == "scalar":
-            return {k: d[k] for k in ("grid", "bits", "hadamard", "group_size", "act_bits", "act_grid")}
-        d.pop("grid"), d.pop("group_size")
+            return {k: d[k] for k in SCALAR_KEYS}
+        for k in ("grid", "group_size", "scale_rule", "act_group_size", "hadamard_block"):
+            d.pop(k)
         return d | {"codebook_bits": int(self.codebook_bits)}
 
     @classmethod
     def name_of(cls, p) -> str:
         """The name of a ``ptq`` config group's setting, without validating it (``run_name`` of a PTQ job)."""
-        keys = ("grid", "bits", "hadamard", "group_size", "act_bits", "act_grid", "method", "calib_batches")
-        values = {k: p.get(k) for k in keys if p.get(k) is not None or k in ("group_size", "act_bits", "act_grid")}
+        keys = (*SCALAR_KEYS, "method", "calib_batches")
+        nullable = ("group_size", "act_bits", "act_grid", "scale_rule", "act_group_size")
+        values = {k: p.get(k) for k in keys if p.get(k) is not None or k in nullable}
         aqlm = p.get("aqlm") or {}
         names = {f.name for f in fields(AQLMSettings)}
         try:
@@ -168,20 +190,31 @@ class PTQConfig:
         if not isinstance(p.get("hadamard", True), bool):
             raise ConfigError(f"ptq.hadamard={p.get('hadamard')!r}: expected true or false")
         g = p.get("group_size")
-        from quest_pl.quantizers.base import GROUP_SIZES
-
-        if g is not None and (
-            not isinstance(g, int)
-            or isinstance(g, bool)
-            or g < 1
-            or (g % quantizers.HADAMARD_BLOCK and g not in GROUP_SIZES)
-        ):
+        if g is not None and (not _is_int(g) or g < 1 or (g % quantizers.HADAMARD_BLOCK and g not in GROUP_SIZES)):
             raise ConfigError(
                 f"ptq.group_size={g!r}: expected null (per row), a power of two 2-1024 (as quant.group_size) or a "
                 f"multiple of {quantizers.HADAMARD_BLOCK}"
             )
+        act_g = p.get("act_group_size")
+        if act_g is not None and (not _is_int(act_g) or act_g not in GROUP_SIZES):
+            raise ConfigError(
+                f"ptq.act_group_size={act_g!r}: expected null (one scale per token) or a power of two 2-1024 "
+                "(as quant.group_size)"
+            )
+        if act_g is not None and p.get("act_bits") is None:
+            raise ConfigError(
+                f"ptq.act_group_size={act_g!r}: expected null while ptq.act_bits is null (full-precision activations)"
+            )
+        block = p.get("hadamard_block", quantizers.HADAMARD_BLOCK)
+        if not _is_int(block) or block not in quantizers.HADAMARD_BLOCKS:
+            raise ConfigError(
+                f"ptq.hadamard_block={block!r}: expected one of {', '.join(map(str, quantizers.HADAMARD_BLOCKS))}"
+            )
+        rule = p.get("scale_rule")
+        if rule is not None and not isinstance(rule, str):
+            raise ConfigError(f"ptq.scale_rule={rule!r}: expected null (the format's default) or a rule name")
         calib = p.get("calib_batches", 16)
-        if not isinstance(calib, int) or isinstance(calib, bool) or calib < 1:
+        if not _is_int(calib) or calib < 1:
             raise ConfigError(f"ptq.calib_batches={calib!r}: expected an integer >= 1")
         cfg = cls(
             grid=p.get("grid"),
@@ -193,6 +226,9 @@ class PTQConfig:
             method=method,
             calib_batches=calib,
             aqlm=AQLMSettings.from_cfg(p.get("aqlm")),
+            scale_rule=rule,
+            act_group_size=act_g,
+            hadamard_block=block,
         )
         if method == "aqlm":
             cfg.check_aqlm()
@@ -207,6 +243,11 @@ class PTQConfig:
                 f"ptq.group_size={self.group_size}: ptq.method=aqlm has one scale per row "
                 "(its code groups: ptq.aqlm.group_size)"
             )
+        if self.hadamard_block != quantizers.HADAMARD_BLOCK:
+            raise ConfigError(
+                f"ptq.hadamard_block={self.hadamard_block}: ptq.method=aqlm calibrates in the block-"
+                f"{quantizers.HADAMARD_BLOCK} Hadamard basis; expected {quantizers.HADAMARD_BLOCK}"
+            )
         bits = self.bits
         if not isinstance(bits, (int, float)) or isinstance(bits, bool) or bits <= 0:
             raise ConfigError(f"ptq.bits={bits!r}: expected a number > 0")
@@ -219,51 +260,124 @@ class PTQConfig:
                 f"an integer in 1..{MAX_CODEBOOK_BITS}"
             )
 
-    def build_quantizers(self) -> tuple[nn.Module | None, nn.Module | None]:
-        """The weight grid (None for AQLM) and the activation grid (or None), as ``quantizers.build`` gives them."""
-        out = []
-        for key, grid, bits in (("", self.grid, self.bits), ("act_", self.act_grid or self.grid, self.act_bits)):
-            if (key and bits is None) or (not key and self.method == "aqlm"):
-                out.append(None)
-                continue
-            if grid not in quantizers.GRIDS:
+    def build_quantizers(self) -> tuple[quantizers.Grid | None, quantizers.Grid | None]:
+        """The weight grid (None for AQLM) and the activation grid (or None): ``quantizers.build(grid, bits,
+        group_size=..., scale_rule=...)`` as QAT builds an operand's grid (``quest_pl.quant.OperandSpec``), with
+        one-line errors naming the ``ptq.*`` key. A weight group that is a multiple of 128 but no power of two (PTQ
+        only) is applied by :func:`quantize_weight` on a per-row grid."""
+        weight = None
+        if self.method != "aqlm":
+            g = self.group_size if self.group_size in GROUP_SIZES else None
+            weight = self._build("", self.grid, self.bits, "group_size", g)
+            if self.group_size and g is None and weight.fixed_group_size is not None:
                 raise ConfigError(
-                    f"ptq.{key}grid={grid!r}: unknown grid; available: {', '.join(sorted(quantizers.GRIDS))}"
+                    f"ptq.group_size={self.group_size!r} with grid {self.grid!r}: the format has groups of "
+                    f"{weight.fixed_group_size} by its spec; expected null"
                 )
-            try:
-                out.append(quantizers.build(grid, bits=bits))
-            except ValueError as e:
-                raise ConfigError(f"ptq.{key}bits={bits!r} with grid {grid!r}: {e}") from None
-        return out[0], out[1]
+        act = None
+        if self.act_bits is not None:
+            act = self._build("act_", self.act_grid or self.grid, self.act_bits, "act_group_size", self.act_group_size)
+        return weight, act
+
+    def _build(self, key: str, grid: str, bits, group_key: str, group_size: int | None) -> quantizers.Grid:
+        if grid not in quantizers.GRIDS:
+            raise ConfigError(f"ptq.{key}grid={grid!r}: unknown grid; available: {', '.join(sorted(quantizers.GRIDS))}")
+        try:
+            quantizers.build(grid, bits=bits)
+        except ValueError as e:
+            raise ConfigError(f"ptq.{key}bits={bits!r} with grid {grid!r}: {e}") from None
+        rule = {} if self.scale_rule is None else {"scale_rule": self.scale_rule}
+        try:
+            quantizers.build(grid, bits=bits, **rule)
+        except (ValueError, TypeError):
+            rules = getattr(quantizers.GRIDS[grid], "scale_rules", ())
+            allowed = f"null or one of {', '.join(rules)}" if rules else "null (the grid has no scale rule)"
+            raise ConfigError(f"ptq.scale_rule={self.scale_rule!r} with grid {grid!r}: expected {allowed}") from None
+        try:
+            return quantizers.build(grid, bits=bits, group_size=group_size, **rule)
+        except ValueError as e:
+            raise ConfigError(f"ptq.{group_key}={group_size!r} with grid {grid!r}: {e}") from None
+
+    def bits_per_element(self, row_length: int) -> str | None:
+        """Storage bits per element including scales, ``"W4.5A4.5"``, as the report counts a QAT arm's
+        (:func:`quest_pl.quant.format_bits_per_element`, rows of ``row_length``); None for AQLM (its ``metrics.json``
+        counts codebooks and scales: :func:`ptq_row`)."""
+        from quest_pl.quant import format_bits_per_element
+
+        if self.method == "aqlm":
+            return None
+        weight, act = self.build_quantizers()
+        if not self.group_size or weight.group_size is not None:
+            return format_bits_per_element(weight, act, row_length)
+        # a PTQ-only weight group (e.g. 384): the per-row grid's "row" is the group; activations stay per token
+        w = format_bits_per_element(weight, None, self.group_size).partition("A")[0]
+        return w + "A" + format_bits_per_element(None, act, row_length).partition("A")[2]
 
 
-def quantize_weight(weight: torch.Tensor, grid: nn.Module, hadamard: bool, group_size: int | None) -> torch.Tensor:
-    """``Q(W H)`` (or ``Q(W)``), per row or per group of ``group_size`` along the row, in the weight's dtype."""
-    w = quantizers.hadamard_transform(weight) if hadamard else weight
-    if group_size is None:
-        return grid(w)
+SCALAR_KEYS = ("grid", "bits", "hadamard", "group_size", "act_bits", "act_grid", "scale_rule", "act_group_size",
+               "hadamard_block")  # fmt: skip
+SCALE_RULE_TAGS = {"four_over_six": "4over6"}
+"""Short forms of scale rules in PTQ names (``ptq_nvfp4_4over6_h16_w4a4`` for the ``nvfp4_4over6`` arm)."""
+
+
+def named_scale_rule(grid: str | None, rule: str | None) -> str | None:
+    """The scale rule a PTQ name shows: None for none or the format's default (``absmax`` for mxfp4/nvfp4)."""
+    rules = getattr(quantizers.GRIDS.get(grid), "scale_rules", ())
+    return None if rule is None or (rules and rule == rules[0]) else rule
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def quantize_weight(
+    weight: torch.Tensor,
+    grid: nn.Module,
+    hadamard: bool,
+    group_size: int | None = None,
+    hadamard_block: int = quantizers.HADAMARD_BLOCK,
+) -> torch.Tensor:
+    """``Q(W H)`` (or ``Q(W)``) in the weight's dtype, computed as QAT's ``QuantLinear`` quantizes its weight: the
+    block-``hadamard_block`` rotation in fp32, then the grid (its own per-row or per-group scales). ``group_size``
+    only for a PTQ-only group that the grid cannot take (a multiple of 128 that is no power of two, e.g. 384): each
+    run of ``group_size`` elements of a row is then a row of the per-row grid."""
+    w = weight.to(torch.promote_types(weight.dtype, torch.float32))
+    w = quantizers.hadamard_transform(w, hadamard_block) if hadamard else w
+    if group_size is None or getattr(grid, "group_size", None) == group_size:
+        return grid(w).to(weight.dtype)
     rows, cols = w.shape
-    return grid(w.reshape(rows, cols // group_size, group_size)).reshape(rows, cols)
+    return grid(w.reshape(rows, cols // group_size, group_size)).reshape(rows, cols).to(weight.dtype)
 
 
 class PTQLinear(nn.Module):
-    """A linear layer with frozen quantized weights in the (optionally) rotated basis: ``y = Qa(x H) W_q^T``."""
+    """A linear layer with frozen quantized weights in the (optionally) rotated basis: ``y = Qa(x H) W_q^T``; the
+    input is rotated (block ``hadamard_block``) and quantized in fp32, as QAT's ``QuantLinear`` does."""
 
-    def __init__(self, weight_q: torch.Tensor, bias: torch.Tensor | None, hadamard: bool, act_quant: nn.Module | None):
+    def __init__(
+        self,
+        weight_q: torch.Tensor,
+        bias: torch.Tensor | None,
+        hadamard: bool,
+        act_quant: nn.Module | None,
+        hadamard_block: int = quantizers.HADAMARD_BLOCK,
+    ):
         super().__init__()
         self.weight = nn.Parameter(weight_q, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.hadamard = hadamard
+        self.hadamard_block = hadamard_block
         self.act_quant = act_quant
 
     def extra_repr(self) -> str:
-        return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}, hadamard={self.hadamard}"
+        out, cols = self.weight.shape
+        block = f", hadamard_block={self.hadamard_block}" if self.hadamard_block != quantizers.HADAMARD_BLOCK else ""
+        return f"in_features={cols}, out_features={out}, hadamard={self.hadamard}{block}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.hadamard:
-            x = quantizers.hadamard_transform(x)
-        if self.act_quant is not None:
-            x = self.act_quant(x)
+        if self.hadamard or self.act_quant is not None:
+            t = x.to(torch.promote_types(x.dtype, torch.float32))  # no rounding between the rotation and the grid
+            t = quantizers.hadamard_transform(t, self.hadamard_block) if self.hadamard else t
+            x = (t if self.act_quant is None else self.act_quant(t)).to(x.dtype)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -274,20 +388,22 @@ def quantize_model_ptq(model: nn.Module, cfg: PTQConfig) -> nn.Module:
     if cfg.method != "scalar":
         raise ValueError(f"quantize_model_ptq: method {cfg.method!r} needs calibration data (quantize_model_aqlm)")
     grid, act_grid = cfg.build_quantizers()
-    for block in model.blocks:
-        for name, module in list(block.named_modules()):
+    block = cfg.hadamard_block
+    for b in model.blocks:
+        for name, module in list(b.named_modules()):
             if type(module) is not nn.Linear:
                 continue
             cols = module.in_features
-            if cfg.hadamard and cols % quantizers.HADAMARD_BLOCK:
-                raise ConfigError(
-                    f"ptq.hadamard=true: {name} has in_features = {cols}, not a multiple of {quantizers.HADAMARD_BLOCK}"
-                )
-            if cfg.group_size and cols % cfg.group_size:
-                raise ConfigError(f"ptq.group_size={cfg.group_size}: does not divide {name}'s in_features = {cols}")
-            weight_q = quantize_weight(module.weight.detach(), grid, cfg.hadamard, cfg.group_size)
-            parent = block.get_submodule(name.rsplit(".", 1)[0]) if "." in name else block
-            setattr(parent, name.rsplit(".", 1)[-1], PTQLinear(weight_q, module.bias, cfg.hadamard, act_grid))
+            if cfg.hadamard and cols % block:
+                key = "ptq.hadamard=true" if block == quantizers.HADAMARD_BLOCK else f"ptq.hadamard_block={block}"
+                raise ConfigError(f"{key}: {name} has in_features = {cols}, not a multiple of {block}")
+            for key, g in (("group_size", cfg.group_size), ("act_group_size", act_grid and act_grid.group_size)):
+                if g and cols % g:
+                    raise ConfigError(f"ptq.{key}={g}: does not divide {name}'s in_features = {cols}")
+            weight_q = quantize_weight(module.weight.detach(), grid, cfg.hadamard, cfg.group_size, block)
+            parent = b.get_submodule(name.rsplit(".", 1)[0]) if "." in name else b
+            layer = PTQLinear(weight_q, module.bias, cfg.hadamard, act_grid, hadamard_block=block)
+            setattr(parent, name.rsplit(".", 1)[-1], layer)
     return model
 
 
@@ -668,9 +784,12 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
 
 # -- sweeps ---------------------------------------------------------------------------------------------------------
 def sweep_configs(rows: list[dict]) -> list[PTQConfig]:
-    """PTQ settings matching a sweep's quantized arms: each (weight grid, bits) with the arm's activation quantization
-    (WbAb) and weight-only (WbA16), all with the Hadamard rotation (HIGGS), per-row scales; in arm order. When an arm
-    has 2-bit weights, AQLM at 2 bits (``aqlm_w2``, the default 2x8 layout, calibrated) follows the 2-bit rows."""
+    """PTQ settings matching a sweep's quantized arms, one per distinct format, in arm order: each arm's weight grid
+    and bits, group size (weights, and activations when quantized), scale rule and Hadamard block, with the arm's
+    activation quantization (WbAb) and weight-only (WbA16); always with the Hadamard rotation (HIGGS), at the arm's
+    block. What only shapes a QAT arm's gradient (estimator, trust threshold, quantized backward) makes no separate
+    PTQ setting: PTQ does not train. When an arm has 2-bit weights, AQLM at 2 bits (``aqlm_w2``, the default 2x8
+    layout, calibrated) follows the 2-bit rows."""
     configs = []
     for r in rows:
         q = r.get("_quant") or {}
@@ -678,13 +797,18 @@ def sweep_configs(rows: list[dict]) -> list[PTQConfig]:
             continue
         w_grid = q.get("w_grid") or q.get("grid")
         a_grid = q.get("a_grid") or q.get("grid")
+        group = q.get("group_size")
         for act_bits in (q.get("a_bits"), None):
             c = PTQConfig(
                 grid=w_grid,
                 bits=q["w_bits"],
                 hadamard=True,
+                group_size=group,
                 act_bits=act_bits,
                 act_grid=None if act_bits is None or a_grid == w_grid else a_grid,
+                scale_rule=named_scale_rule(w_grid, q.get("scale_rule")),
+                act_group_size=None if act_bits is None else group,
+                hadamard_block=int(q.get("hadamard_block") or quantizers.HADAMARD_BLOCK),
             )
             if c not in configs:
                 configs.append(c)
@@ -695,7 +819,8 @@ def sweep_configs(rows: list[dict]) -> list[PTQConfig]:
 
 
 def sweep_rows(rows: list[dict], sweep_dir: str | Path) -> list[dict]:
-    """Report rows (:mod:`quest_pl.report`) for PTQ of the sweep's BF16 arm at the quantized arms' grids and bits.
+    """Report rows (:mod:`quest_pl.report`) for PTQ of the sweep's BF16 arm at the quantized arms' formats
+    (:func:`sweep_configs`).
     Each evaluation is kept in ``<sweep dir>/ptq/<name>/`` (TensorBoard and metrics.json) and reused when the report
     is regenerated from the same checkpoint."""
     base = next((r for r in rows if r.get("method") == "BF16"), None)
@@ -731,11 +856,28 @@ def _sweep_row(ptq: PTQConfig, ckpt_path: Path, data_cfg: DictConfig, sweep_dir:
             accelerator=data_cfg.trainer.accelerator,
             precision=data_cfg.trainer.precision,
         )
-    return ptq_row(ptq, metrics)
+    return ptq_row(ptq, metrics, row_length=data_cfg.model.d_model)
 
 
-def ptq_row(ptq: PTQConfig, metrics: dict) -> dict:
-    """A report row; an AQLM row's grid cell says it is calibrated and states its bits per weight in all."""
+def ptq_bits_per_element(ptq: PTQConfig, metrics: dict, row_length: int) -> str | None:
+    """The report's ``bits_per_elem`` of a PTQ row, counted as for a QAT arm (rows of ``row_length`` = d_model):
+    :meth:`PTQConfig.bits_per_element`; for AQLM the weights' bits with codebooks and scales from its
+    ``metrics.json``."""
+    if ptq.method != "aqlm":
+        return ptq.bits_per_element(row_length)
+    bpw = (metrics.get("aqlm") or {}).get("bits_per_weight")
+    if bpw is None:
+        return None
+    from quest_pl.quant import format_bits_per_element
+
+    _, act = ptq.build_quantizers()
+    return f"W{bpw:.4g}A" + format_bits_per_element(None, act, row_length).rpartition("A")[2]
+
+
+def ptq_row(ptq: PTQConfig, metrics: dict, row_length: int | None = None) -> dict:
+    """A report row; an AQLM row's grid cell says it is calibrated and states its bits per weight in all. The grid
+    cell names a non-default scale rule and the groups, the Hadamard cell a block other than 128 (as a QAT row's);
+    ``bits_per_elem`` (:func:`ptq_bits_per_element`) needs the row length (``model.d_model``)."""
     if ptq.method == "aqlm":
         bpw = (metrics.get("aqlm") or {}).get("bits_per_weight")
         grid = f"aqlm {ptq.codebook_layout} g{ptq.aqlm.group_size}, calibrated ({ptq.calib_batches} batches)"
@@ -744,15 +886,23 @@ def ptq_row(ptq: PTQConfig, metrics: dict) -> dict:
             grid += f" / {ptq.act_grid or ptq.grid}"
     else:
         grid = ptq.grid if ptq.act_bits is None or not ptq.act_grid else f"{ptq.grid} / {ptq.act_grid}"
+        rule = named_scale_rule(ptq.grid, ptq.scale_rule)
+        grid += f" {rule}" if rule else ""
         grid += f" g{ptq.group_size}" if ptq.group_size else ""
+        act_group = ptq.act_group_size if ptq.act_bits is not None else None
+        grid += f", act g{act_group}" if act_group and act_group != ptq.group_size else ""
     a = "16" if ptq.act_bits is None else f"{float(ptq.act_bits):g}"
+    hadamard = "half" if ptq.hadamard else "no"
+    if ptq.hadamard and ptq.hadamard_block != quantizers.HADAMARD_BLOCK:
+        hadamard += f", block {ptq.hadamard_block}"
     return {
         "arm": ptq.name,
         "method": "PTQ",
         "grid": grid,
         "bits": f"W{float(ptq.bits):g}A{a}",
+        "bits_per_elem": None if row_length is None else ptq_bits_per_element(ptq, metrics, row_length),
         "estimator": "-",
-        "hadamard": "half" if ptq.hadamard else "no",
+        "hadamard": hadamard,
         "val_loss": metrics["val/loss"],
         "val_ppl": metrics["val/ppl"],
         "wall_s": metrics.get("wall_s"),

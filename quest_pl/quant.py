@@ -552,8 +552,16 @@ def bits_per_element(q, row_length: int) -> str:
     ``row_length`` elements (the group); MX/NV scales their own 8 bits per group (NVFP4's 32-bit tensor scale is not
     counted: under 0.001 bits per element in any layer of the presets). (``Grid.bits_per_element``.)"""
     cfg = QuantConfig.from_cfg(q, None)
+    if cfg is None:
+        return "W16A16"
+    return format_bits_per_element(*(s and s.build_grid() for s in (cfg.weight, cfg.act)), row_length)
 
-    def operand(spec: OperandSpec | None) -> str:
-        return "16" if spec is None else f"{spec.build_grid().bits_per_element(row_length):.4g}"
 
-    return "W16A16" if cfg is None else f"W{operand(cfg.weight)}A{operand(cfg.act)}"
+def format_bits_per_element(weight: quantizers.Grid | None, act: quantizers.Grid | None, row_length: int) -> str:
+    """``"W<b>A<b>"`` from the operands' grids (None: 16, full precision), ``Grid.bits_per_element(row_length)`` to
+    4 significant digits: the report's ``bits_per_elem`` for QAT arms (:func:`bits_per_element`) and PTQ rows."""
+
+    def operand(grid: quantizers.Grid | None) -> str:
+        return "16" if grid is None else f"{grid.bits_per_element(row_length):.4g}"
+
+    return f"W{operand(weight)}A{operand(act)}"

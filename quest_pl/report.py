@@ -26,7 +26,9 @@ arm. Columns of ``summary.csv``:
 * ``wall_s``, ``tokens_per_s``, ``steps``: mean job wall time, mean logged throughput, final step.
 
 Rows named ``ptq_*`` are data-free post-training quantizations of each seed's BF16 checkpoint at the quantized arms'
-grids and bits (:mod:`quest_pl.ptq`), evaluated on the same validation batches, and paired with that seed's BF16.
+formats (grid, bits, groups, scale rule, Hadamard block; one row per distinct format:
+:func:`quest_pl.ptq.sweep_configs`), evaluated on the same validation batches, and paired with that seed's BF16; their
+``bits_per_elem`` counts the scales as a QAT arm's does.
 """
 
 from __future__ import annotations

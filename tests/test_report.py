@@ -236,3 +236,61 @@ def test_describe_names_hadamard_block_and_quantized_backward():
     assert (row["hadamard"], row["estimator"]) == ("half, block 16", "trust, sr backward")
     row = describe_quant(dict(resolved, hadamard_block=128, backward="none"))
     assert (row["hadamard"], row["estimator"]) == ("half", "trust")
+
+
+# ---- PTQ rows at the arms' formats -----------------------------------------------------------------------------------
+def test_ptq_rows_count_bits_per_element_as_qat_rows():
+    """A PTQ row's bits_per_elem is its arm's (quest_pl.quant.bits_per_element) at the same format: element bits plus
+    16-bit scales per row (d = 128) or per group of 32, MX's 8-bit scales per 32, NV's per 16; W..A16 for the
+    weight-only row; AQLM's bits per weight with codebooks and scales from its metrics.json."""
+    import math
+
+    from omegaconf import OmegaConf
+
+    from quest_pl.ptq import PTQConfig, ptq_row, sweep_configs
+    from quest_pl.quant import bits_per_element
+    from tests.conftest import compose
+
+    metrics = {"val/loss": 4.0, "val/ppl": math.exp(4.0), "step": 20}
+    expected = {"quest_w4a4": 4 + 16 / 128, "int4_g32": 4 + 16 / 32, "mxfp4": 4 + 8 / 32, "nvfp4_4over6": 4 + 8 / 16}
+    for arm, bits in expected.items():
+        q = OmegaConf.to_container(compose("experiment=format_ablation", f"quant={arm}").quant, resolve=True)
+        both, weight_only = sweep_configs([{"method": "QAT", "_quant": q}])
+        assert (
+            ptq_row(both, metrics, row_length=128)["bits_per_elem"] == bits_per_element(q, 128) == f"W{bits:g}A{bits:g}"
+        )
+        assert ptq_row(weight_only, metrics, row_length=128)["bits_per_elem"] == f"W{bits:g}A16"
+        assert bits_per_element(dict(q, a_bits=None), 128) == f"W{bits:g}A16"
+    # a PTQ-only weight group (384, no power of two): its scales per 384 weights; activations per token of 128
+    assert PTQConfig(group_size=384, act_bits=4).bits_per_element(128) == f"W{4 + 16 / 384:.4g}A{4 + 16 / 128:g}"
+    aqlm = ptq_row(PTQConfig(method="aqlm", bits=2), dict(metrics, aqlm={"bits_per_weight": 2.75}), row_length=128)
+    assert aqlm["bits_per_elem"] == "W2.75A16"
+
+
+@pytest.mark.slow
+def test_format_ablation_report_has_a_ptq_row_per_arm_format(tmp_path):
+    """experiment=format_ablation with the PTQ rows (the default), three arms, a few steps on CPU: one PTQ row per arm
+    format (W4A4 and weight-only) at the arm's group size, scale rule and Hadamard block, with bits/elem, evaluated
+    with exactly those settings."""
+    from tests.conftest import run_cli
+
+    out = run_cli(
+        "experiment=format_ablation", "quant=bf16,int4_g32,nvfp4_4over6", "trainer.max_steps=4",
+        "trainer.val_check_interval=2", "data.val_batches=1", "seeds=[0]", f"hydra.sweep.dir={tmp_path}",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = read_rows(tmp_path / "summary.csv")
+    ptq = {a: r for a, r in rows.items() if r["method"] == "PTQ"}
+    assert list(ptq) == [
+        "ptq_gaussian_mse_g32_w4a4", "ptq_gaussian_mse_g32_w4a16",
+        "ptq_nvfp4_4over6_h16_w4a4", "ptq_nvfp4_4over6_h16_w4a16",
+    ]  # fmt: skip
+    assert rows["int4_g32_w4a4"]["bits_per_elem"] == ptq["ptq_gaussian_mse_g32_w4a4"]["bits_per_elem"] == "W4.5A4.5"
+    assert rows["nvfp4_4over6_w4a4"]["bits_per_elem"] == ptq["ptq_nvfp4_4over6_h16_w4a4"]["bits_per_elem"] == "W4.5A4.5"
+    assert ptq["ptq_nvfp4_4over6_h16_w4a16"]["bits_per_elem"] == "W4.5A16"
+    assert ptq["ptq_nvfp4_4over6_h16_w4a4"]["hadamard"] == rows["nvfp4_4over6_w4a4"]["hadamard"] == "half, block 16"
+    assert all(float(r["val_loss"]) > 0 for r in ptq.values())
+    settings = {a: json.loads((tmp_path / "ptq" / a / "metrics.json").read_text())["ptq"] for a in ptq}
+    g32, nv = settings["ptq_gaussian_mse_g32_w4a4"], settings["ptq_nvfp4_4over6_h16_w4a4"]
+    assert (g32["group_size"], g32["act_group_size"], g32["hadamard_block"]) == (32, 32, 128)
+    assert (nv["grid"], nv["scale_rule"], nv["hadamard_block"], nv["act_bits"]) == ("nvfp4", "four_over_six", 16, 4)

@@ -81,8 +81,9 @@ def _groups_and_tensor_scale(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def quantize_groups(x: Tensor, fmt: str, stochastic: bool) -> tuple[Tensor, Tensor]:
     """(codes, d) of fp32 matrices x (..., rows, cols) quantized along cols (a multiple of the format's group):
     codes (..., rows, cols / g, g) on the element grid (E2M1 values, or integers -127..127), d (..., rows, cols / g, 1)
-    the group scales (0 for a group whose scale underflowed: its codes are 0). Q(x) = codes * d. `stochastic`: the
-    unbiased rounding with non-saturating scales; else round to nearest with the format's absmax scale (module doc)."""
+    the group scales (0 for an all-zero group, or one whose scale underflowed: its codes are 0); Q(x) = codes * d.
+    `stochastic`: the unbiased rounding with non-saturating scales; else round to nearest with the format's absmax
+    scale (module docstring)."""
     if fmt == "nvfp4":
         groups, amax, g = _groups_and_tensor_scale(x)
         d = (e4m3_up if stochastic else e4m3_nearest)(amax / E2M1_MAX / g) * g
@@ -91,6 +92,7 @@ def quantize_groups(x: Tensor, fmt: str, stochastic: bool) -> tuple[Tensor, Tens
         amax = groups.abs().amax(-1, keepdim=True)
         if fmt == "mxfp4":
             d = e8m0_up(amax / E2M1_MAX) if stochastic else e8m0_floor(amax / 2**E2M1_EMAX)
+            d = torch.where(amax > 0, d, torch.zeros_like(d))  # an all-zero group: scale 0, codes 0
         else:
             d = amax / INT8_MAX
     safe = torch.where(d > 0, d, torch.ones_like(d))

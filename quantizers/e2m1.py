@@ -6,7 +6,8 @@ E2M1: sign, 2 exponent bits (bias 1), 1 mantissa bit, no inf/NaN. Magnitudes 0, 
     so E[q] = y exactly for |y| <= 6 (the caller scales so that nothing exceeds 6).
 Scale encodings:
     E8M0 (MX): 2^k, k in [-127, 127]; `e8m0_floor(v)` = 2^floor(log2 v) (the OCP rule), `e8m0_nearest(v)` the
-    nearest power of two in log2.
+    nearest power of two in log2, `e8m0_up(v)` = 2^ceil(log2 v) (so a scaled block never exceeds 6: the unbiased
+    stochastic rounding of the quantized backward).
     E4M3 (NVFP4, torch.float8_e4m3fn): `e4m3_nearest(v)` rounds to nearest even and saturates at 448;
     `e4m3_up(v)` rounds up (so a scaled block never exceeds 6: used by the unbiased stochastic rounding).
 """
@@ -70,6 +71,14 @@ def e8m0_nearest(v: Tensor) -> Tensor:
     which would send the one fp32 mantissa just below the true midpoint up."""
     mantissa, exponent = torch.frexp(v)
     exponent = exponent - 1 + (mantissa.double() >= 2**-0.5).int()
+    return torch.ldexp(torch.ones_like(v), exponent.clamp_(E8M0_MIN_EXP, E8M0_MAX_EXP))
+
+
+def e8m0_up(v: Tensor) -> Tensor:
+    """2^ceil(log2 v) for v > 0 (exactly, via frexp: v itself when it is a power of two), clamped to the E8M0 range;
+    1 for v = 0 (an all-zero group)."""
+    mantissa, exponent = torch.frexp(v)  # v = m 2^e, m in [0.5, 1): 2^e, or 2^(e - 1) = v when m = 1/2
+    exponent = exponent - (mantissa == 0.5).int()
     return torch.ldexp(torch.ones_like(v), exponent.clamp_(E8M0_MIN_EXP, E8M0_MAX_EXP))
 
 

@@ -13,8 +13,9 @@ quantizer, so a weight-only ``half`` run computes ``y = x Qw(W H)^T``: a fixed o
 latent weight that needs no Hadamard at inference (the paper's W*A16 runs). ``quant.hadamard_block`` (16-128) sets
 the block; group scales (``quant.group_size``, and the MXFP4/NVFP4 grids) nest with it (``quantizers.base``).
 
-``quant.backward`` = ``sr`` | ``rtn_rht`` quantizes the output gradient entering both backward GEMMs to NVFP4
-(``estimators.backward``); ``none`` keeps the full-precision backward.
+``quant.backward`` = ``sr`` | ``rtn_rht`` quantizes the output gradient entering both backward GEMMs, in
+``quant.backward_format`` (``nvfp4``, ``mxfp4`` or ``int8``), and with ``quant.backward_operands=all`` the saved weight
+and activation too (``estimators.backward``); ``none`` keeps the full-precision backward.
 """
 
 from __future__ import annotations
@@ -30,7 +31,12 @@ from torch import nn
 
 from quest_pl import estimators, quantizers
 from quest_pl.config import ConfigError
-from quest_pl.estimators.backward import BACKWARD_MODES, quantized_backward_linear
+from quest_pl.estimators.backward import (
+    BACKWARD_FORMATS,
+    BACKWARD_MODES,
+    BACKWARD_OPERANDS,
+    quantized_backward_linear,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +44,9 @@ QUANT_PARAM_MARKERS = (".weight_quant.", ".act_quant.")
 HADAMARD_MODES = ("half", "full")
 KERNEL_MODES = ("auto", "triton", "torch")
 MATMUL_MODES = ("auto", "int8", "bf16")
+# The quantized backward's keys (estimators.backward): allowed values, and defaults (experiments/quant/bf16.yaml).
+BACKWARD_KEYS = dict(backward=BACKWARD_MODES, backward_format=BACKWARD_FORMATS, backward_operands=BACKWARD_OPERANDS)
+BACKWARD_DEFAULTS = {"backward": "none", "backward_format": "nvfp4", "backward_operands": "grad"}
 
 
 @dataclass(frozen=True)
@@ -70,9 +79,14 @@ class QuantConfig:
     matmul: str = "auto"  # forward GEMM of a W·A layer: int8 (integer codes, METHOD.md §5), bf16, or auto
     hadamard_block: int = quantizers.HADAMARD_BLOCK
     backward: str = "none"  # "none" | "sr" | "rtn_rht" (estimators.backward)
+    backward_format: str = "nvfp4"  # "nvfp4" | "mxfp4" | "int8"
+    backward_operands: str = "grad"  # "grad" (the output gradient) | "all" (also the saved weight and activation)
 
     def __post_init__(self) -> None:
         """Checks for a config built directly in Python (``from_cfg`` and ``make`` build valid ones)."""
+        for key, allowed in BACKWARD_KEYS.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"QuantConfig.{key}={getattr(self, key)!r}: expected one of {', '.join(allowed)}")
         if self.hadamard not in (None, *HADAMARD_MODES):
             raise ConfigError(f"QuantConfig.hadamard={self.hadamard!r}: expected None, 'half' or 'full'")
         if self.kernel not in KERNEL_MODES:
@@ -145,9 +159,15 @@ class QuantConfig:
 
     @classmethod
     def from_cfg(cls, q, model_cfg) -> QuantConfig | None:
-        if q is None or q.get("grid") is None:
+        if q is None:
             return None
         get = q.get
+        backward = {key: get(key, default) for key, default in BACKWARD_DEFAULTS.items()}
+        for key, value in backward.items():  # checked first: a typo is an error even in a full-precision arm
+            if value not in BACKWARD_KEYS[key]:
+                raise ConfigError(f"quant.{key}={value!r}: expected one of {', '.join(BACKWARD_KEYS[key])}")
+        if get("grid") is None:
+            return None
         estimator_names = sorted(estimators.ESTIMATORS)
         kernel = get("kernel", "auto")
         if kernel not in KERNEL_MODES:
@@ -161,9 +181,6 @@ class QuantConfig:
         if block not in quantizers.HADAMARD_BLOCKS or isinstance(block, bool):
             blocks = ", ".join(map(str, quantizers.HADAMARD_BLOCKS))
             raise ConfigError(f"quant.hadamard_block={block!r}: expected one of {blocks}")
-        backward = get("backward", "none")
-        if backward not in BACKWARD_MODES:
-            raise ConfigError(f"quant.backward={backward!r}: expected one of {', '.join(BACKWARD_MODES)}")
         grid_options = {k: get(k) for k in ("group_size", "scale_rule") if get(k) is not None}
         specs = {}
         for op in ("w", "a"):
@@ -214,7 +231,7 @@ class QuantConfig:
         if matmul not in MATMUL_MODES:
             raise ConfigError(f"quant.matmul={matmul!r}: expected one of {', '.join(MATMUL_MODES)}")
         if matmul == "int8":
-            reason = _int8_config_error(specs, kernel)
+            reason = _int8_config_error(specs, kernel, backward["backward"])
             if reason:
                 raise ConfigError(f"quant.matmul=int8: {reason}; use quant.matmul=auto or bf16")
         if kernel == "triton":
@@ -245,14 +262,17 @@ class QuantConfig:
             kernel=kernel,
             matmul=matmul,
             hadamard_block=block,
-            backward=backward,
+            **backward,
         )
 
 
-def _int8_config_error(specs: dict, kernel: str) -> str | None:
+def _int8_config_error(specs: dict, kernel: str, backward: str = "none") -> str | None:
     """Why the INT8 forward GEMM cannot serve these operands (both quantized, centered integer grid <= 7 bits with one
-    scale per row, a kernel estimator, kernels allowed), or None."""
+    scale per row, a kernel estimator, kernels allowed, the full-precision backward), or None."""
     from quest_pl.kernels.int8 import int8_unsupported
+
+    if backward != "none":  # the INT8 path has its own backward; the quantized one is in the bf16 path's autograd
+        return f"the quantized backward (quant.backward={backward}) runs with the bf16 matmul"
 
     if specs["w"] is None or specs["a"] is None:
         return "it needs both operands quantized (a W·A configuration)"
@@ -285,6 +305,8 @@ class QuantLinear(nn.Linear):
         dtype=None,
         hadamard_block: int = quantizers.HADAMARD_BLOCK,
         backward: str = "none",
+        backward_format: str = "nvfp4",
+        backward_operands: str = "grad",
     ):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.weight_quant = weight_quant
@@ -292,6 +314,8 @@ class QuantLinear(nn.Linear):
         self.hadamard = hadamard
         self.hadamard_block = hadamard_block
         self.backward = backward
+        self.backward_format = backward_format
+        self.backward_operands = backward_operands
         self.enabled = True
         # Per operand: keyword arguments for kernels.quest_quantize when the fused Triton path serves it on CUDA
         # (set by quantize_model from quant.kernel), or None for the PyTorch path.
@@ -304,7 +328,9 @@ class QuantLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         extra = f", hadamard_block={self.hadamard_block}" if self.hadamard and self.hadamard_block != 128 else ""
-        extra += f", backward={self.backward}" if self.backward != "none" else ""
+        if self.backward != "none":
+            extra += f", backward={self.backward}, backward_format={self.backward_format}"
+            extra += f", backward_operands={self.backward_operands}"
         return super().extra_repr() + f", hadamard={self.hadamard}" + extra
 
     def _quantize(self, t: torch.Tensor, quant: nn.Module | None, operand: str) -> torch.Tensor:
@@ -367,7 +393,9 @@ class QuantLinear(nn.Linear):
         x = self._quantize(x, self.act_quant, "act")
         weight = self._quantize(self.weight, self.weight_quant, "weight")
         if self.backward != "none":
-            return quantized_backward_linear(x, weight, self.bias, self.backward)
+            return quantized_backward_linear(
+                x, weight, self.bias, self.backward, self.backward_format, self.backward_operands
+            )
         return F.linear(x, weight, self.bias)
 
 
@@ -440,6 +468,8 @@ def quantize_(
             dtype=module.weight.dtype,
             hadamard_block=config.hadamard_block,
             backward=config.backward,
+            backward_format=config.backward_format,
+            backward_operands=config.backward_operands,
         )
         q.kernel_mode = config.kernel
         q.kernel_args = {
@@ -464,7 +494,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
 def _resolve_matmul(cfg: QuantConfig, kernel_args: dict) -> str:
     """quant.matmul for one layer: int8 where both operands are kernel-served on a centered integer grid (and, for
     auto, CUDA has INT8 tensor cores), else bf16."""
-    if cfg.matmul == "bf16" or _int8_config_error({"w": cfg.weight, "a": cfg.act}, cfg.kernel):
+    if cfg.matmul == "bf16" or _int8_config_error({"w": cfg.weight, "a": cfg.act}, cfg.kernel, cfg.backward):
         return "bf16"
     if kernel_args["weight"] is None or kernel_args["act"] is None:
         return "bf16"

@@ -266,6 +266,9 @@ def describe_quant(q: dict) -> dict:
         hadamard += f", block {int(q['hadamard_block'])}"
     if q.get("backward") not in (None, "none"):  # a quantized backward is part of the arm's gradient estimator
         estimator += f", {q['backward']} backward"
+        fmt, operands = q.get("backward_format") or "nvfp4", q.get("backward_operands") or "grad"
+        if (fmt, operands) != ("nvfp4", "grad"):  # named where not the default: "sr backward (mxfp4, all)"
+            estimator += f" ({fmt}, {operands})"
     return {"method": "QAT", "grid": per_operand("grid"), "bits": bits, "estimator": estimator, "hadamard": hadamard}
 
 

@@ -234,8 +234,13 @@ def test_describe_names_hadamard_block_and_quantized_backward():
     nvfp4 = dict(resolved, grid="nvfp4", hadamard_block=16, backward="sr")
     row = describe_quant(nvfp4)
     assert (row["hadamard"], row["estimator"]) == ("half, block 16", "trust, sr backward")
-    row = describe_quant(dict(resolved, hadamard_block=128, backward="none"))
+    row = describe_quant(dict(resolved, hadamard_block=128, backward="none", backward_format="int8"))
     assert (row["hadamard"], row["estimator"]) == ("half", "trust")
+    row = describe_quant(dict(nvfp4, backward_format="nvfp4", backward_operands="grad"))
+    assert row["estimator"] == "trust, sr backward"  # the defaults, as older runs' configs (without the keys) read
+    row = describe_quant(dict(nvfp4, backward_format="mxfp4", backward_operands="all"))
+    assert row["estimator"] == "trust, sr backward (mxfp4, all)"
+    assert describe_quant(dict(nvfp4, backward_format="int8"))["estimator"] == "trust, sr backward (int8, grad)"
 
 
 # ---- PTQ rows at the arms' formats -----------------------------------------------------------------------------------

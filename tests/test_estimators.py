@@ -419,3 +419,81 @@ def test_quantizer_parameters_are_clipped_apart_from_the_model():
         assert torch.equal(p.grad, model_before[n])  # the model's norm is far below 1: untouched
     quant_norm = torch.cat([p.grad.flatten() for n, p in named if is_quantizer_param(n)]).norm()
     assert quant_norm.item() == pytest.approx(1.0, rel=1e-4)
+
+
+# ---- learned scales under the training optimizer (METHOD.md §1.9: update relative to the scale's size) --------------
+
+TRAIN_OPTIM = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+"""AdamW as the quantizer group gets it at the CPU size (model/tiny lr, optim/adamw betas and eps, no decay)."""
+
+
+def _train_scale(est: str, sigma: float, steps: int, bits: int = 4, seed: int = 0) -> tuple[list[float], list[float]]:
+    """Learn only the scale of one estimator on the MSE to its input, inputs sigma * N(0,1) drawn afresh each step,
+    with AdamW and the positivity projection after each step as the training module runs them. Returns the scale
+    (in units of sigma) at init and after every step, and the clipped fraction at every step."""
+    from quest_pl.estimators.learned import project_learned_scales
+
+    e = build(est, "gaussian_mse", bits)
+    gen = torch.Generator().manual_seed(seed)
+    e(sigma * torch.randn(64, 512, generator=gen))  # data-dependent init
+    opt = torch.optim.AdamW(e.parameters(), **TRAIN_OPTIM)
+    opt.register_step_post_hook(lambda *_: project_learned_scales(e))
+    e.record_mask = True
+    scales, clipped = [e.learned.detach().mean().item() / sigma], []
+    for _ in range(steps):
+        x = sigma * torch.randn(64, 512, generator=gen)
+        loss = (e(x) - x).square().mean() / sigma**2  # scale-free: the same loss for every sigma
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        clipped.append(1 - e.last_mask.float().mean().item())
+        scales.append(e.learned.detach().mean().item() / sigma)
+    return scales, clipped
+
+
+@pytest.mark.parametrize("est", ["lsq", "pact"])
+def test_learned_scale_trajectory_does_not_depend_on_the_input_units(est):
+    """The optimizer moves a learned scale relative to its own size (the LSQ paper's design rule: update magnitude
+    proportional to parameter magnitude). Inputs 2^-6 x give the same scale trajectory, in units of the input's
+    RMS, as x: a weight of RMS 0.02 is quantized as well as an activation of RMS 1 at the same learning rate."""
+    unit, _ = _train_scale(est, 1.0, 40)
+    small, _ = _train_scale(est, 2.0**-6, 40)
+    assert small == pytest.approx(unit, rel=1e-4)
+
+
+@pytest.mark.parametrize("sigma", [1.0, 2.0**-6])
+def test_lsq_step_on_gaussian_input_settles_at_the_mse_optimum(sigma):
+    """For N(0, sigma^2) inputs and the MSE loss, the LSQ step gradient vanishes at the MSE-optimal step
+    alpha* = s* / ((n - 1) / 2), s* = OPTIMAL_GAUSSIAN_SCALES[b] sigma (METHOD.md §1.3, §1.9); there a fraction
+    P(|z| > s*/sigma) (1.2 % at 4 bits) is clipped. From the LSQ paper's init (1.8 alpha* at 4 bits) the step must
+    reach alpha* and stay near it, clipping about that fraction; it must not collapse (all entries clipped)."""
+    target = ALPHA[4] / 7.5
+    scales, clipped = _train_scale("lsq", sigma, 300)
+    assert scales[0] == pytest.approx(1.8 * target, rel=0.05)  # the LSQ init: 2 E|z| / sqrt(7) = 0.603
+    late = scales[-50:]
+    assert max(abs(s / target - 1) for s in late) < 0.1
+    assert sum(clipped[-50:]) / 50 == pytest.approx(tail2(ALPHA[4]), abs=0.006)
+    assert max(clipped) < 0.05
+
+
+def test_quant_weight_decay_shrinks_every_learned_scale():
+    """optim.quant_weight_decay is PACT's L2 decay on the clip level in decoupled form: each optimizer step multiplies
+    every learned scale by about (1 - lr wd), whether the scale is above 1 (activations) or below (weights)."""
+    from quest_pl.module import LMModule
+
+    quant = dict(name="pact", grid="gaussian_mse", bits=4, w_bits=4, a_bits=4, estimator="pact")
+    optim = dict(lr=1e-2, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1, quant_lr_scale=1.0, quant_weight_decay=0.5,
+                 warmup_frac=0.1, init_div=1.0, final_lr_frac=1.0)  # fmt: skip
+    m = LMModule(dict(vocab_size=256, n_layer=1, d_model=128, n_head=1, seq_len=16), optim, quant=quant)
+    m(torch.randint(0, 256, (2, 16)))  # data-dependent init of the scales
+    opt = m.configure_optimizers()["optimizer"]
+    (group,) = [g for g in opt.param_groups if g["name"] == "quantizer"]
+    scales = {n: e.learned.detach().clone() for n, e in m.model.named_modules() if hasattr(e, "initialized")}
+    assert min(s.min() for s in scales.values()) < 1 < max(s.max() for s in scales.values())
+    for p in m.parameters():
+        p.grad = torch.zeros_like(p)  # Adam's own step is then 0: only the decay acts
+    opt.step()
+    factor = math.exp(-group["lr"] * 0.5)  # = 1 - lr wd to first order (lr wd = 0.005 here)
+    for n, e in m.model.named_modules():
+        if n in scales:
+            assert torch.allclose(e.learned.detach(), scales[n] * factor, rtol=2e-5), n

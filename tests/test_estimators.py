@@ -199,13 +199,12 @@ def test_uniform_absmax_trust_and_clip_mask_nothing(gaussian_rows):
 
 def test_lsq_init_and_state_dict_round_trip():
     lsq = build("lsq", "gaussian_mse", 4)
-    assert [name for name, _ in lsq.named_parameters()] == ["step"]
-    assert set(lsq.state_dict()) == {"step", "initialized", "floor"}
+    assert [name for name, _ in lsq.named_parameters()] == ["log_step"]  # METHOD.md §1.9: the log of the step
+    assert set(lsq.state_dict()) == {"log_step", "initialized", "floor"}
     x = torch.randn(64, 256, generator=torch.Generator().manual_seed(4))
     lsq(x)
     assert lsq.step.item() == pytest.approx(2 * x.abs().mean().item() / math.sqrt(7), rel=1e-6)
-    with torch.no_grad():
-        lsq.step.mul_(1.37)  # as if trained
+    lsq.set_scale(lsq.step.detach() * 1.37)  # as if trained
     fresh = build("lsq", "gaussian_mse", 4)
     fresh.load_state_dict(lsq.state_dict())
     fresh(5 * x)
@@ -213,11 +212,24 @@ def test_lsq_init_and_state_dict_round_trip():
     assert bool(fresh.initialized)
 
 
+@pytest.mark.parametrize(("est", "key"), [("lsq", "step"), ("pact", "clip")])
+def test_checkpoint_holding_the_scale_itself_loads_as_its_log(est, key):
+    """A state_dict from before the log form has the scale under `step` / `clip` (and maybe no floor): it loads as
+    the same scale, and the floor defaults to SCALE_FLOOR times it."""
+    from quest_pl.estimators.learned import SCALE_FLOOR
+
+    old = {key: torch.tensor([0.37]), "initialized": torch.tensor(True)}
+    e = build(est, "gaussian_mse", 4)
+    e.load_state_dict(old)
+    e(torch.randn(4, 64))  # no re-initialisation from this batch
+    assert getattr(e, key).item() == pytest.approx(0.37, rel=1e-6)
+    assert e.floor.item() == pytest.approx(0.37 * SCALE_FLOOR, rel=1e-6)
+    assert set(e.state_dict()) == {f"log_{key}", "initialized", "floor"}
+
+
 def test_lsq_values_and_input_gradient():
     lsq = build("lsq", "gaussian_mse", 3)
-    with torch.no_grad():
-        lsq.step.fill_(0.25)
-        lsq.initialized.fill_(True)
+    lsq.set_scale(0.25)
     x = (torch.randn(101, generator=torch.Generator().manual_seed(10)) * 0.7).requires_grad_()
     g = torch.randn(101)
     y = lsq(x)
@@ -231,14 +243,13 @@ def test_lsq_values_and_input_gradient():
 
 @pytest.mark.parametrize("bits", [1, 2, 4])
 def test_lsq_step_gradient_matches_hand_formula(bits):
-    """§1.9: d out/d alpha = g (round(v) + 1/2 - x/alpha) in range, g (q_clip + 1/2) clamped; g = 1/sqrt(N Q_p)."""
+    """§1.9: d out/d alpha = g (round(v) + 1/2 - x/alpha) in range, g (q_clip + 1/2) clamped; g = 1/sqrt(N Q_p).
+    The parameter is log alpha, whose gradient is alpha times that (chain rule)."""
     n = 2**bits
     q_p = max(n // 2 - 1, 1)
-    alpha = 0.3
     lsq = build("lsq", "gaussian_mse", bits)
-    with torch.no_grad():
-        lsq.step.fill_(alpha)
-        lsq.initialized.fill_(True)
+    lsq.set_scale(0.3)
+    alpha = lsq.step.item()  # 0.3 up to the rounding of exp(log 0.3)
     x = torch.randn(3, 40, generator=torch.Generator().manual_seed(5))
     upstream = torch.randn(3, 40, generator=torch.Generator().manual_seed(6))
     lsq(x).backward(upstream)
@@ -247,7 +258,7 @@ def test_lsq_step_gradient_matches_hand_formula(bits):
     clamped = (v_raw < -n // 2) | (v_raw > n // 2 - 1)
     coeff = torch.where(clamped, v + 0.5, torch.round(v) + 0.5 - x / alpha)
     expected = (upstream * coeff).sum() / math.sqrt(x.numel() * q_p)
-    assert lsq.step.grad.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert lsq.log_step.grad.item() == pytest.approx(alpha * expected.item(), rel=1e-5)
 
 
 def test_lsq_per_row():
@@ -262,7 +273,7 @@ def test_lsq_per_row():
     v_raw = x / alpha - 0.5
     v = v_raw.clamp(-2, 1)
     coeff = torch.where((v_raw < -2) | (v_raw > 1), v + 0.5, torch.round(v) + 0.5 - x / alpha)
-    assert torch.allclose(lsq.step.grad, coeff.sum(-1, keepdim=True) / math.sqrt(64), rtol=1e-5)
+    assert torch.allclose(lsq.log_step.grad, alpha * coeff.sum(-1, keepdim=True) / math.sqrt(64), rtol=1e-5)
 
 
 def test_lsq_initial_value_is_averaged_across_ranks(tmp_path):
@@ -284,8 +295,7 @@ def test_pact_gradients():
     x = torch.randn(4, 128, generator=torch.Generator().manual_seed(8))
     pact(x)
     assert pact.clip.item() == pytest.approx(ALPHA[2] * x.square().mean().sqrt().item(), rel=1e-6)
-    with torch.no_grad():
-        pact.clip.fill_(1.0)
+    pact.set_scale(1.0)
     x = x.requires_grad_()
     g = torch.randn(4, 128, generator=torch.Generator().manual_seed(9))
     y = pact(x)
@@ -295,7 +305,7 @@ def test_pact_gradients():
     assert 0 < inside.float().mean() < 1
     assert torch.equal(x.grad, torch.where(inside, g, 0.0))
     expected = (torch.sign(x.detach()) * g)[~inside].sum() / math.sqrt(x.numel())  # Q_p = 1 at 2 bits
-    assert pact.clip.grad.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert pact.log_clip.grad.item() == pytest.approx(pact.clip.item() * expected.item(), rel=1e-5)  # alpha = 1
 
 
 def test_pact_state_dict_round_trip():
@@ -349,7 +359,7 @@ def test_learned_scale_cannot_cross_zero(est):
     for _ in range(5):
         opt.zero_grad()
         e(x).sum().backward()
-        assert e.learned.grad.item() > 0  # the loss does push the scale down
+        assert e.log_scale.grad.item() > 0  # the loss does push the scale down
         opt.step()
         probe = inside.clone().requires_grad_()
         y = e(probe)
@@ -361,14 +371,15 @@ def test_learned_scale_cannot_cross_zero(est):
 
 @pytest.mark.parametrize("est", ["lsq", "pact"])
 def test_learned_scale_of_zero_gives_finite_values(est):
+    """A scale of 0 (log = -inf, e.g. written by hand into a checkpoint) is lifted to the floor before use."""
     e = build(est, "gaussian_mse", 4)
     with torch.no_grad():
-        e.learned.fill_(0.0)
+        e.log_scale.fill_(-math.inf)
         e.initialized.fill_(True)
     x = torch.randn(8, 32, generator=torch.Generator().manual_seed(1)).requires_grad_()
     y = e(x)
     y.sum().backward()
-    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all() and torch.isfinite(e.learned.grad).all()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all() and torch.isfinite(e.log_scale.grad).all()
     assert e.learned.item() > 0
 
 
@@ -380,11 +391,9 @@ def test_pact_clip_gradient_has_lsq_scale_by_default():
     unscaled = (torch.sign(x) * g)[x.abs() > 1.0].sum().item()
     for kw, factor in (({}, 1 / math.sqrt(x.numel() * 1)), ({"grad_scale": False}, 1.0)):
         pact = build("pact", "gaussian_mse", 2, **kw)
-        with torch.no_grad():
-            pact.clip.fill_(1.0)
-            pact.initialized.fill_(True)
+        pact.set_scale(1.0)
         pact(x).backward(g)
-        assert pact.clip.grad.item() == pytest.approx(unscaled * factor, rel=1e-5)
+        assert pact.log_clip.grad.item() == pytest.approx(pact.clip.item() * unscaled * factor, rel=1e-5)
 
 
 def test_lsq_per_row_with_lsq_activations_builds_and_applies_to_weights_only():

@@ -3,10 +3,10 @@
 The learned scale (LSQ's step, PACT's clip level) is stored as its logarithm: the `nn.Parameter` is `log_step` /
 `log_clip`, and the scale is exp of it (`learned`, and the subclasses' `step` / `clip`). Adam moves a parameter by
 about its learning rate per step whatever the size of its gradient, so a scale stored as itself moved by ~lr in
-absolute units: 3e-3 per step against a weight step of ~6e-3 at the CPU size, which drove weight and small-activation
-scales to the positivity floor within ten steps, clipping nearly every entry (RESULTS.md). In log form the same
-optimizer changes a scale by a factor of about exp(+-lr) per step, i.e. relative to its own size and independently of
-the tensor's units: the LSQ paper's rule that a step size's update be proportional to its magnitude, as the weights'.
+absolute units: 3e-3 per step against weight steps of 0.006 to 0.012 at the CPU size, which drove weight and
+small-activation scales to the positivity floor within 10 to 30 steps, clipping nearly every entry (RESULTS.md). In
+log form the same optimizer changes a scale by a factor of about exp(+-lr) per step, i.e. relative to its own size and
+independently of the tensor's units: the LSQ paper's rule that a step size's update be proportional to its magnitude.
 The gradient reaching the log is the scale's own (LSQ's or PACT's formula) times the scale (chain rule).
 
 The parameter is created at construction (never in forward) and initialised from the first batch it sees. A
@@ -16,8 +16,8 @@ the same scale.
 
 Floor (issue #11): every forward first clamps the log in place, without gradient, onto [log floor, inf), where `floor`
 (a persistent buffer, in the scale's units) is SCALE_FLOOR times the initial value (never below SCALE_EPS). The log
-form keeps the scale positive by itself; the floor keeps it from underflowing and bounds how much of a tensor can be
-clipped. The optimizer's own state is left alone (projected gradient descent).
+form keeps the scale positive by itself; the floor keeps it from underflowing to 0 (a step of 0 would divide by 0).
+The optimizer's own state is left alone (projected gradient descent).
 
 Decay: AdamW's decoupled decay of the log would pull every scale towards 1 (weights' up, activations' down), so the
 quantizer group gets no AdamW decay; `decay_learned_scales` instead multiplies each scale by exp(-lr wd) after each

@@ -1,19 +1,35 @@
 """Shared state of the learned-scale estimators (LSQ, PACT; METHOD.md §1.9, fixing §7.6).
 
-The learned scale is an `nn.Parameter` created at construction (never in forward) and initialised from the first
-batch it sees. A persistent `initialized` buffer records that, so a state_dict round trip restores the scale exactly
-and a resumed run never re-initialises. Under torch.distributed the initial value is averaged over ranks, so all DDP
-replicas start from the same scale.
+The learned scale (LSQ's step, PACT's clip level) is stored as its logarithm: the `nn.Parameter` is `log_step` /
+`log_clip`, and the scale is exp of it (`learned`, and the subclasses' `step` / `clip`). Adam moves a parameter by
+about its learning rate per step whatever the size of its gradient, so a scale stored as itself moved by ~lr in
+absolute units: 3e-3 per step against weight steps of 0.006 to 0.012 at the CPU size, which drove weight and
+small-activation scales to the positivity floor within 10 to 30 steps, clipping nearly every entry (RESULTS.md). In
+log form the same optimizer changes a scale by a factor of about exp(+-lr) per step, i.e. relative to its own size and
+independently of the tensor's units: the LSQ paper's rule that a step size's update be proportional to its magnitude.
+The gradient reaching the log is the scale's own (LSQ's or PACT's formula) times the scale (chain rule).
 
-Positivity (issue #11): the scale is kept positive by projection. Every forward first clamps the parameter, in place
-and without gradient, onto [floor, inf), where `floor` (a persistent buffer) is SCALE_FLOOR times the initial value
-(never below SCALE_EPS). An optimizer step that overshoots below the floor is thus undone before the scale is used:
-the forward never quantizes on a mirrored grid, a step of 0 cannot divide, and the range test stays meaningful, so the
-input gradient keeps flowing. The optimizer's own state is left alone (projected gradient descent). A checkpoint
-written before the floor existed loads with floor = SCALE_FLOOR x |its scale|.
+The parameter is created at construction (never in forward) and initialised from the first batch it sees. A
+persistent `initialized` buffer records that, so a state_dict round trip restores the scale exactly and a resumed run
+never re-initialises. Under torch.distributed the initial value is averaged over ranks, so all DDP replicas start from
+the same scale.
+
+Floor (issue #11): every forward first clamps the log in place, without gradient, onto [log floor, inf), where `floor`
+(a persistent buffer, in the scale's units) is SCALE_FLOOR times the initial value (never below SCALE_EPS). The log
+form keeps the scale positive by itself; the floor keeps it from underflowing to 0 (a step of 0 would divide by 0).
+The optimizer's own state is left alone (projected gradient descent).
+
+Decay: AdamW's decoupled decay of the log would pull every scale towards 1 (weights' up, activations' down), so the
+quantizer group gets no AdamW decay; `decay_learned_scales` instead multiplies each scale by exp(-lr wd) after each
+step (= PACT's L2 decay on the clip level in decoupled form, 1 - lr wd, to first order).
+
+Checkpoints written before the log form (keys `step` / `clip` holding the scale itself) load as log of that value;
+those written before the floor existed load with floor = SCALE_FLOOR x the scale.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -41,8 +57,9 @@ class LearnedScale(nn.Module):
         self.quantizer = quantizer
         self.bits = quantizer.bits
         self.levels = 2**quantizer.bits
-        self.parameter_name = parameter
-        self.register_parameter(parameter, nn.Parameter(torch.ones(shape)))
+        self.scale_name = parameter  # the scale's name: `step` (LSQ) or `clip` (PACT)
+        self.parameter_name = f"log_{parameter}"
+        self.register_parameter(self.parameter_name, nn.Parameter(torch.zeros(shape)))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.register_buffer("floor", torch.full(shape, SCALE_EPS))
         self._initialized_seen = False  # host-side copy of `initialized`, so steady-state forwards never sync
@@ -50,8 +67,24 @@ class LearnedScale(nn.Module):
         self.last_mask: Tensor | None = None
 
     @property
-    def learned(self) -> nn.Parameter:
+    def log_scale(self) -> nn.Parameter:
+        """The trained parameter: the log of the scale."""
         return getattr(self, self.parameter_name)
+
+    @property
+    def learned(self) -> Tensor:
+        """The scale itself, exp(log_scale), differentiable (its gradient reaches `log_scale`)."""
+        return self.log_scale.exp()
+
+    @torch.no_grad()
+    def set_scale(self, value: float | Tensor) -> None:
+        """Set the scale to `value` (> 0) and mark it initialised (no data-dependent init follows)."""
+        value = torch.as_tensor(value, dtype=self.log_scale.dtype).expand_as(self.log_scale)
+        if not bool((value > 0).all()):
+            raise ValueError(f"{self.name}: a {self.scale_name} must be > 0, got {value.min().item()}")
+        self.log_scale.copy_(value.log())
+        self.initialized.fill_(True)
+        self._initialized_seen = True
 
     def initial_value(self, x32: Tensor) -> Tensor:
         """Data-dependent initial value of the learned parameter, shaped like it."""
@@ -67,14 +100,14 @@ class LearnedScale(nn.Module):
             if dist.is_available() and dist.is_initialized():
                 dist.all_reduce(value)
                 value /= dist.get_world_size()
-            self.learned.copy_(value)
+            self.log_scale.copy_(value.log())
             self.floor.copy_((value * SCALE_FLOOR).clamp_min(SCALE_EPS))
             self.initialized.fill_(True)
         self._initialized_seen = True
 
     @torch.no_grad()
     def project(self) -> None:
-        """Clamp the learned parameter onto [floor, inf) in place (positivity; see the module docstring).
+        """Clamp the log of the scale onto [log floor, inf) in place (see the module docstring).
 
         Through ``.data``: the value changes only after an optimizer step, before any graph holds the scale, so the
         autograd version counter is left alone (a second forward of the same step, e.g. a diagnostic's, is a no-op).
@@ -82,18 +115,21 @@ class LearnedScale(nn.Module):
         (``quest_pl.module`` registers it)."""
         if torch.compiler.is_compiling():
             return
-        data = self.learned.data
-        torch.maximum(data, self.floor.to(data.dtype), out=data)
+        data = self.log_scale.data
+        torch.maximum(data, self.floor.log().to(data.dtype), out=data)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         self._initialized_seen = False
-        scale = state_dict.get(prefix + self.parameter_name)
-        if prefix + "floor" not in state_dict and scale is not None:  # checkpoint from before the floor
-            state_dict[prefix + "floor"] = (scale.abs() * SCALE_FLOOR).clamp_min(SCALE_EPS)
+        old_key, key = prefix + self.scale_name, prefix + self.parameter_name
+        if old_key in state_dict and key not in state_dict:  # checkpoint from before the log form: the scale itself
+            scale = state_dict.pop(old_key)
+            if prefix + "floor" not in state_dict:  # and from before the floor
+                state_dict[prefix + "floor"] = (scale.abs() * SCALE_FLOOR).clamp_min(SCALE_EPS)
+            state_dict[key] = torch.maximum(scale, state_dict[prefix + "floor"].to(scale.dtype)).log()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def needs_grad(self, x: Tensor) -> bool:
-        return torch.is_grad_enabled() and (x.requires_grad or self.learned.requires_grad)
+        return torch.is_grad_enabled() and (x.requires_grad or self.log_scale.requires_grad)
 
     def remember(self, in_range: Tensor) -> None:
         if self.record_mask:
@@ -106,3 +142,12 @@ def project_learned_scales(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, LearnedScale):
             module.project()
+
+
+@torch.no_grad()
+def decay_learned_scales(params: list[Tensor], factor: float) -> None:
+    """Multiply the scales whose logs are ``params`` by ``factor`` (> 0): the quantizer group's decay, exp(-lr wd)."""
+    if factor != 1.0:
+        shift = math.log(factor)
+        for p in params:
+            p.add_(shift)

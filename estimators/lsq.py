@@ -9,8 +9,8 @@ With step alpha, n = 2^b, Q_p = max(n/2 - 1, 1), s = alpha (n - 1)/2:
 
 N = numel(x) (per tensor, batch included) or the row length (`per_row=True`, one step per row of shape (rows, 1),
 needs `rows`; meant for weights: `quant.lsq_per_row` gives activations a per-tensor step). Init on the first forward:
-alpha0 = 2 mean|x| / sqrt(Q_p) (LSQ paper), per tensor or per row. alpha is kept >= 1e-3 alpha0 by projection before
-each forward (`estimators.learned`), so it never reaches 0 or changes sign.
+alpha0 = 2 mean|x| / sqrt(Q_p) (LSQ paper), per tensor or per row. The parameter is log alpha (`log_step`; `step` is
+alpha): the optimizer changes alpha relative to its size, and alpha stays >= 1e-3 alpha0 (`estimators.learned`).
 """
 
 from __future__ import annotations
@@ -60,6 +60,11 @@ class LSQ(LearnedScale):
         self.per_row = per_row
         self.q_p = max(self.levels // 2 - 1, 1)
 
+    @property
+    def step(self) -> Tensor:
+        """The step alpha = exp(log_step)."""
+        return self.learned
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}, per_row={self.per_row}"
 
@@ -70,14 +75,15 @@ class LSQ(LearnedScale):
     def forward(self, x: Tensor) -> Tensor:
         self.maybe_initialize(x)
         self.project()
+        step = self.step
         with torch.no_grad():
-            values, in_range = lsq_forward(x.float(), self.step, self.quantizer)
+            values, in_range = lsq_forward(x.float(), step, self.quantizer)
         self.remember(in_range)
         values = values.to(x.dtype)
         if not self.needs_grad(x):
             return values
         n = x.shape[-1] if self.per_row else x.numel()
-        return _LSQGrad.apply(x, self.step, values, in_range, self.quantizer, 1 / math.sqrt(n * self.q_p))
+        return _LSQGrad.apply(x, step, values, in_range, self.quantizer, 1 / math.sqrt(n * self.q_p))
 
     def expected_masked_fraction(self) -> float:
         """P(|z| > s0) for N(0,1) at the init scale: s0 = alpha0 (n-1)/2, alpha0 = 2 sqrt(2/pi) / sqrt(Q_p)."""

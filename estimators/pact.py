@@ -8,8 +8,9 @@ reference's PACTQuantizer, which passes no gradient to its input (METHOD.md §1.
 g = 1 / sqrt(N Q_p) by default (N = numel(x), Q_p = max(n/2 - 1, 1): LSQ's gradient scale, `grad_scale=True`), so the
 clip level's gradient is comparable to a weight's; `grad_scale=False` (`quant.pact_grad_scale=false`) is the authors'
 unscaled sum over the clipped elements, whose norm can dwarf the whole model's (issue #11). One alpha per tensor,
-initialised on the first forward to alpha0 = alpha_b * RMS(x) over the whole tensor, and kept >= 1e-3 alpha0 by
-projection before each forward (`estimators.learned`).
+initialised on the first forward to alpha0 = alpha_b * RMS(x) over the whole tensor. The parameter is log alpha
+(`log_clip`; `clip` is alpha): the optimizer changes alpha relative to its size, and alpha stays >= 1e-3 alpha0
+(`estimators.learned`); `optim.quant_weight_decay` is PACT's L2 decay on alpha, in decoupled form.
 """
 
 from __future__ import annotations
@@ -49,6 +50,11 @@ class PACT(LearnedScale):
         self.grad_scale = grad_scale
         self.q_p = max(self.levels // 2 - 1, 1)
 
+    @property
+    def clip(self) -> Tensor:
+        """The clip level alpha = exp(log_clip)."""
+        return self.learned
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}, grad_scale={self.grad_scale}"
 
@@ -58,15 +64,16 @@ class PACT(LearnedScale):
     def forward(self, x: Tensor) -> Tensor:
         self.maybe_initialize(x)
         self.project()
+        clip = self.clip
         with torch.no_grad():
             x32 = x.float()
-            values = self.quantizer.quantize_with_scale(x32, self.clip).values.to(x.dtype)
-            in_range = x32.abs() <= self.clip.float()
+            values = self.quantizer.quantize_with_scale(x32, clip).values.to(x.dtype)
+            in_range = x32.abs() <= clip.float()
         self.remember(in_range)
         if not self.needs_grad(x):
             return values
         scale = 1 / math.sqrt(x.numel() * self.q_p) if self.grad_scale else 1.0
-        return _PACTGrad.apply(x, self.clip, values, in_range, scale)
+        return _PACTGrad.apply(x, clip, values, in_range, scale)
 
     def expected_masked_fraction(self) -> float:
         """P(|z| > alpha_b) for N(0,1): the masked fraction at the init clip level (= clip with c = 1)."""

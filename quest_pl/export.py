@@ -488,7 +488,7 @@ def export_packed(module, out_dir: str | Path, tokenizer: str | Path | None = No
             enc = encode_weight(m)
             tensors |= {f"{name}.{k}": v.contiguous() for k, v in enc.tensors.items()}
             if m.act_quant is not None:
-                tensors |= {f"{name}.act_quant.{k}": v.clone() for k, v in m.act_quant.state_dict().items()}
+                tensors |= {f"{name}.act_quant.{k}": v for k, v in _act_quant_state(m.act_quant).items()}
             layers[name] = enc.meta | {
                 "hadamard": m.hadamard,
                 "hadamard_block": m.hadamard_block,
@@ -549,6 +549,17 @@ def read_packed(path: str | Path) -> tuple[dict[str, Tensor], dict]:
             f"this loader reads {FORMAT} v{', v'.join(map(str, READS_VERSIONS))}"
         )
     return tensors, config
+
+
+def _act_quant_state(est: nn.Module) -> dict[str, Tensor]:
+    """An activation estimator's state for the file: a learned scale as the scale itself (``step`` / ``clip``), not
+    the log the estimator trains (METHOD.md §1.9); its loader takes either."""
+    from quest_pl.estimators.learned import LearnedScale
+
+    state = {k: v.detach().clone() for k, v in est.state_dict().items()}
+    if isinstance(est, LearnedScale):
+        state[est.scale_name] = state.pop(est.parameter_name).exp()
+    return state
 
 
 def _build_act_quant(meta: dict | None, state: dict[str, Tensor]) -> nn.Module | None:

@@ -148,7 +148,8 @@ class LMModule(L.LightningModule):
     # -- optimisation -------------------------------------------------------------------------------------------
     def param_groups(self) -> list[dict]:
         """Decay (0.1) on linear weights, including ``lm_head`` (the authors' exclusion is an artefact, §7.21);
-        none on embeddings, norms and biases; LSQ/PACT parameters in their own group."""
+        none on embeddings, norms and biases; LSQ/PACT parameters (logs of the scales) in their own group, whose decay
+        ``optim.quant_weight_decay`` multiplies each scale by exp(-lr wd) per step (``configure_optimizers``)."""
         from quest_pl.quant import is_quantizer_param
 
         cfg = self.hparams.optim
@@ -167,11 +168,12 @@ class LMModule(L.LightningModule):
             {"params": decay, "weight_decay": cfg["weight_decay"], "lr_scale": 1.0, "name": "decay"},
             {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0, "name": "no_decay"},
         ]
-        if quant:
+        if quant:  # logs of the scales: AdamW's decay would pull them to 0 (the scales to 1); see scale_decay
             groups.append(
                 {
                     "params": quant,
-                    "weight_decay": cfg["quant_weight_decay"],
+                    "weight_decay": 0.0,
+                    "scale_decay": cfg["quant_weight_decay"],
                     "lr_scale": cfg["quant_lr_scale"],
                     "name": "quantizer",
                 }
@@ -202,10 +204,16 @@ class LMModule(L.LightningModule):
     def configure_optimizers(self):
         cfg = self.hparams.optim
         opt = torch.optim.AdamW(self.param_groups(), lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["eps"])
-        if self.quant is not None:  # learned scales stay positive (estimators.learned), also under torch.compile
-            from quest_pl.estimators.learned import project_learned_scales
+        if self.quant is not None:  # learned scales: decay, then the floor (estimators.learned), also under compile
+            from quest_pl.estimators.learned import decay_learned_scales, project_learned_scales
 
-            opt.register_step_post_hook(lambda *_: project_learned_scales(self.model))
+            def after_step(optimizer, *_) -> None:
+                for group in optimizer.param_groups:
+                    if group.get("scale_decay"):
+                        decay_learned_scales(group["params"], math.exp(-group["lr"] * group["scale_decay"]))
+                project_learned_scales(self.model)
+
+            opt.register_step_post_hook(after_step)
         total = self.hparams.max_steps
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt,

@@ -199,13 +199,12 @@ def test_uniform_absmax_trust_and_clip_mask_nothing(gaussian_rows):
 
 def test_lsq_init_and_state_dict_round_trip():
     lsq = build("lsq", "gaussian_mse", 4)
-    assert [name for name, _ in lsq.named_parameters()] == ["step"]
-    assert set(lsq.state_dict()) == {"step", "initialized", "floor"}
+    assert [name for name, _ in lsq.named_parameters()] == ["log_step"]  # METHOD.md §1.9: the log of the step
+    assert set(lsq.state_dict()) == {"log_step", "initialized", "floor"}
     x = torch.randn(64, 256, generator=torch.Generator().manual_seed(4))
     lsq(x)
     assert lsq.step.item() == pytest.approx(2 * x.abs().mean().item() / math.sqrt(7), rel=1e-6)
-    with torch.no_grad():
-        lsq.step.mul_(1.37)  # as if trained
+    lsq.set_scale(lsq.step.detach() * 1.37)  # as if trained
     fresh = build("lsq", "gaussian_mse", 4)
     fresh.load_state_dict(lsq.state_dict())
     fresh(5 * x)
@@ -213,11 +212,24 @@ def test_lsq_init_and_state_dict_round_trip():
     assert bool(fresh.initialized)
 
 
+@pytest.mark.parametrize(("est", "key"), [("lsq", "step"), ("pact", "clip")])
+def test_checkpoint_holding_the_scale_itself_loads_as_its_log(est, key):
+    """A state_dict from before the log form has the scale under `step` / `clip` (and maybe no floor): it loads as
+    the same scale, and the floor defaults to SCALE_FLOOR times it."""
+    from quest_pl.estimators.learned import SCALE_FLOOR
+
+    old = {key: torch.tensor([0.37]), "initialized": torch.tensor(True)}
+    e = build(est, "gaussian_mse", 4)
+    e.load_state_dict(old)
+    e(torch.randn(4, 64))  # no re-initialisation from this batch
+    assert getattr(e, key).item() == pytest.approx(0.37, rel=1e-6)
+    assert e.floor.item() == pytest.approx(0.37 * SCALE_FLOOR, rel=1e-6)
+    assert set(e.state_dict()) == {f"log_{key}", "initialized", "floor"}
+
+
 def test_lsq_values_and_input_gradient():
     lsq = build("lsq", "gaussian_mse", 3)
-    with torch.no_grad():
-        lsq.step.fill_(0.25)
-        lsq.initialized.fill_(True)
+    lsq.set_scale(0.25)
     x = (torch.randn(101, generator=torch.Generator().manual_seed(10)) * 0.7).requires_grad_()
     g = torch.randn(101)
     y = lsq(x)
@@ -231,14 +243,13 @@ def test_lsq_values_and_input_gradient():
 
 @pytest.mark.parametrize("bits", [1, 2, 4])
 def test_lsq_step_gradient_matches_hand_formula(bits):
-    """§1.9: d out/d alpha = g (round(v) + 1/2 - x/alpha) in range, g (q_clip + 1/2) clamped; g = 1/sqrt(N Q_p)."""
+    """§1.9: d out/d alpha = g (round(v) + 1/2 - x/alpha) in range, g (q_clip + 1/2) clamped; g = 1/sqrt(N Q_p).
+    The parameter is log alpha, whose gradient is alpha times that (chain rule)."""
     n = 2**bits
     q_p = max(n // 2 - 1, 1)
-    alpha = 0.3
     lsq = build("lsq", "gaussian_mse", bits)
-    with torch.no_grad():
-        lsq.step.fill_(alpha)
-        lsq.initialized.fill_(True)
+    lsq.set_scale(0.3)
+    alpha = lsq.step.item()  # 0.3 up to the rounding of exp(log 0.3)
     x = torch.randn(3, 40, generator=torch.Generator().manual_seed(5))
     upstream = torch.randn(3, 40, generator=torch.Generator().manual_seed(6))
     lsq(x).backward(upstream)
@@ -247,7 +258,7 @@ def test_lsq_step_gradient_matches_hand_formula(bits):
     clamped = (v_raw < -n // 2) | (v_raw > n // 2 - 1)
     coeff = torch.where(clamped, v + 0.5, torch.round(v) + 0.5 - x / alpha)
     expected = (upstream * coeff).sum() / math.sqrt(x.numel() * q_p)
-    assert lsq.step.grad.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert lsq.log_step.grad.item() == pytest.approx(alpha * expected.item(), rel=1e-5)
 
 
 def test_lsq_per_row():
@@ -262,7 +273,7 @@ def test_lsq_per_row():
     v_raw = x / alpha - 0.5
     v = v_raw.clamp(-2, 1)
     coeff = torch.where((v_raw < -2) | (v_raw > 1), v + 0.5, torch.round(v) + 0.5 - x / alpha)
-    assert torch.allclose(lsq.step.grad, coeff.sum(-1, keepdim=True) / math.sqrt(64), rtol=1e-5)
+    assert torch.allclose(lsq.log_step.grad, alpha * coeff.sum(-1, keepdim=True) / math.sqrt(64), rtol=1e-5)
 
 
 def test_lsq_initial_value_is_averaged_across_ranks(tmp_path):
@@ -284,8 +295,7 @@ def test_pact_gradients():
     x = torch.randn(4, 128, generator=torch.Generator().manual_seed(8))
     pact(x)
     assert pact.clip.item() == pytest.approx(ALPHA[2] * x.square().mean().sqrt().item(), rel=1e-6)
-    with torch.no_grad():
-        pact.clip.fill_(1.0)
+    pact.set_scale(1.0)
     x = x.requires_grad_()
     g = torch.randn(4, 128, generator=torch.Generator().manual_seed(9))
     y = pact(x)
@@ -295,7 +305,7 @@ def test_pact_gradients():
     assert 0 < inside.float().mean() < 1
     assert torch.equal(x.grad, torch.where(inside, g, 0.0))
     expected = (torch.sign(x.detach()) * g)[~inside].sum() / math.sqrt(x.numel())  # Q_p = 1 at 2 bits
-    assert pact.clip.grad.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert pact.log_clip.grad.item() == pytest.approx(pact.clip.item() * expected.item(), rel=1e-5)  # alpha = 1
 
 
 def test_pact_state_dict_round_trip():
@@ -349,7 +359,7 @@ def test_learned_scale_cannot_cross_zero(est):
     for _ in range(5):
         opt.zero_grad()
         e(x).sum().backward()
-        assert e.learned.grad.item() > 0  # the loss does push the scale down
+        assert e.log_scale.grad.item() > 0  # the loss does push the scale down
         opt.step()
         probe = inside.clone().requires_grad_()
         y = e(probe)
@@ -361,14 +371,15 @@ def test_learned_scale_cannot_cross_zero(est):
 
 @pytest.mark.parametrize("est", ["lsq", "pact"])
 def test_learned_scale_of_zero_gives_finite_values(est):
+    """A scale of 0 (log = -inf, e.g. written by hand into a checkpoint) is lifted to the floor before use."""
     e = build(est, "gaussian_mse", 4)
     with torch.no_grad():
-        e.learned.fill_(0.0)
+        e.log_scale.fill_(-math.inf)
         e.initialized.fill_(True)
     x = torch.randn(8, 32, generator=torch.Generator().manual_seed(1)).requires_grad_()
     y = e(x)
     y.sum().backward()
-    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all() and torch.isfinite(e.learned.grad).all()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all() and torch.isfinite(e.log_scale.grad).all()
     assert e.learned.item() > 0
 
 
@@ -380,11 +391,9 @@ def test_pact_clip_gradient_has_lsq_scale_by_default():
     unscaled = (torch.sign(x) * g)[x.abs() > 1.0].sum().item()
     for kw, factor in (({}, 1 / math.sqrt(x.numel() * 1)), ({"grad_scale": False}, 1.0)):
         pact = build("pact", "gaussian_mse", 2, **kw)
-        with torch.no_grad():
-            pact.clip.fill_(1.0)
-            pact.initialized.fill_(True)
+        pact.set_scale(1.0)
         pact(x).backward(g)
-        assert pact.clip.grad.item() == pytest.approx(unscaled * factor, rel=1e-5)
+        assert pact.log_clip.grad.item() == pytest.approx(pact.clip.item() * unscaled * factor, rel=1e-5)
 
 
 def test_lsq_per_row_with_lsq_activations_builds_and_applies_to_weights_only():
@@ -419,3 +428,81 @@ def test_quantizer_parameters_are_clipped_apart_from_the_model():
         assert torch.equal(p.grad, model_before[n])  # the model's norm is far below 1: untouched
     quant_norm = torch.cat([p.grad.flatten() for n, p in named if is_quantizer_param(n)]).norm()
     assert quant_norm.item() == pytest.approx(1.0, rel=1e-4)
+
+
+# ---- learned scales under the training optimizer (METHOD.md §1.9: update relative to the scale's size) --------------
+
+TRAIN_OPTIM = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+"""AdamW as the quantizer group gets it at the CPU size (model/tiny lr, optim/adamw betas and eps, no decay)."""
+
+
+def _train_scale(est: str, sigma: float, steps: int, bits: int = 4, seed: int = 0) -> tuple[list[float], list[float]]:
+    """Learn only the scale of one estimator on the MSE to its input, inputs sigma * N(0,1) drawn afresh each step,
+    with AdamW and the positivity projection after each step as the training module runs them. Returns the scale
+    (in units of sigma) at init and after every step, and the clipped fraction at every step."""
+    from quest_pl.estimators.learned import project_learned_scales
+
+    e = build(est, "gaussian_mse", bits)
+    gen = torch.Generator().manual_seed(seed)
+    e(sigma * torch.randn(64, 512, generator=gen))  # data-dependent init
+    opt = torch.optim.AdamW(e.parameters(), **TRAIN_OPTIM)
+    opt.register_step_post_hook(lambda *_: project_learned_scales(e))
+    e.record_mask = True
+    scales, clipped = [e.learned.detach().mean().item() / sigma], []
+    for _ in range(steps):
+        x = sigma * torch.randn(64, 512, generator=gen)
+        loss = (e(x) - x).square().mean() / sigma**2  # scale-free: the same loss for every sigma
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        clipped.append(1 - e.last_mask.float().mean().item())
+        scales.append(e.learned.detach().mean().item() / sigma)
+    return scales, clipped
+
+
+@pytest.mark.parametrize("est", ["lsq", "pact"])
+def test_learned_scale_trajectory_does_not_depend_on_the_input_units(est):
+    """The optimizer moves a learned scale relative to its own size (the LSQ paper's design rule: update magnitude
+    proportional to parameter magnitude). Inputs 2^-6 x give the same scale trajectory, in units of the input's
+    RMS, as x: a weight of RMS 0.02 is quantized as well as an activation of RMS 1 at the same learning rate."""
+    unit, _ = _train_scale(est, 1.0, 40)
+    small, _ = _train_scale(est, 2.0**-6, 40)
+    assert small == pytest.approx(unit, rel=1e-4)
+
+
+@pytest.mark.parametrize("sigma", [1.0, 2.0**-6])
+def test_lsq_step_on_gaussian_input_settles_at_the_mse_optimum(sigma):
+    """For N(0, sigma^2) inputs and the MSE loss, the LSQ step gradient vanishes at the MSE-optimal step
+    alpha* = s* / ((n - 1) / 2), s* = OPTIMAL_GAUSSIAN_SCALES[b] sigma (METHOD.md §1.3, §1.9); there a fraction
+    P(|z| > s*/sigma) (1.2 % at 4 bits) is clipped. From the LSQ paper's init (1.8 alpha* at 4 bits) the step must
+    reach alpha* and stay near it, clipping about that fraction; it must not collapse (all entries clipped)."""
+    target = ALPHA[4] / 7.5
+    scales, clipped = _train_scale("lsq", sigma, 300)
+    assert scales[0] == pytest.approx(1.8 * target, rel=0.05)  # the LSQ init: 2 E|z| / sqrt(7) = 0.603
+    late = scales[-50:]
+    assert max(abs(s / target - 1) for s in late) < 0.1
+    assert sum(clipped[-50:]) / 50 == pytest.approx(tail2(ALPHA[4]), abs=0.006)
+    assert max(clipped) < 0.05
+
+
+def test_quant_weight_decay_shrinks_every_learned_scale():
+    """optim.quant_weight_decay is PACT's L2 decay on the clip level in decoupled form: each optimizer step multiplies
+    every learned scale by about (1 - lr wd), whether the scale is above 1 (activations) or below (weights)."""
+    from quest_pl.module import LMModule
+
+    quant = dict(name="pact", grid="gaussian_mse", bits=4, w_bits=4, a_bits=4, estimator="pact")
+    optim = dict(lr=1e-2, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1, quant_lr_scale=1.0, quant_weight_decay=0.5,
+                 warmup_frac=0.1, init_div=1.0, final_lr_frac=1.0)  # fmt: skip
+    m = LMModule(dict(vocab_size=256, n_layer=1, d_model=128, n_head=1, seq_len=16), optim, quant=quant)
+    m(torch.randint(0, 256, (2, 16)))  # data-dependent init of the scales
+    opt = m.configure_optimizers()["optimizer"]
+    (group,) = [g for g in opt.param_groups if g["name"] == "quantizer"]
+    scales = {n: e.learned.detach().clone() for n, e in m.model.named_modules() if hasattr(e, "initialized")}
+    assert min(s.min() for s in scales.values()) < 1 < max(s.max() for s in scales.values())
+    for p in m.parameters():
+        p.grad = torch.zeros_like(p)  # Adam's own step is then 0: only the decay acts
+    opt.step()
+    factor = math.exp(-group["lr"] * 0.5)  # = 1 - lr wd to first order (lr wd = 0.005 here)
+    for n, e in m.model.named_modules():
+        if n in scales:
+            assert torch.allclose(e.learned.detach(), scales[n] * factor, rtol=2e-5), n

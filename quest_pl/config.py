@@ -432,6 +432,24 @@ def _resume_view(flat: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _key_defaults() -> dict[str, Any]:
+    """Every compared key's default (``quant`` keys as the base ``quant=bf16`` sets them, which every quant config
+    extends), composed with whatever Hydra instance is active (inside a run, the app's own)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = ["quant=bf16"]
+    if GlobalHydra.instance().is_initialized():
+        from hydra.types import RunMode
+
+        loader = GlobalHydra.instance().config_loader()
+        cfg = loader.load_configuration(config_name="config", overrides=overrides, run_mode=RunMode.RUN)
+    else:
+        cfg = compose(*overrides)
+    plain = {g: cfg.get(g) for g in RESUME_GROUPS}
+    plain = {g: OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig) else v for g, v in plain.items()}
+    return _resume_view(_flatten(plain))
+
+
 def check_resume(cfg: DictConfig, ckpt: dict) -> dict[str, tuple[Any, Any]]:
     """A resume continues the checkpoint's run: refuse a checkpoint past ``trainer.max_steps`` and any difference in
     the keys of :data:`RESUME_KEYS` (first one named), except those listed in ``resume.allow_changes``, which are
@@ -461,10 +479,16 @@ def check_resume(cfg: DictConfig, ckpt: dict) -> dict[str, tuple[Any, Any]]:
     for key in sorted(allowed - set(new) - set(old)):
         raise ConfigError(f"resume.allow_changes: {key} is not a key a resume compares{suggest(key, new)}")
     changed = {}
+    defaults = None
     for key in keys:
         a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
         if a == b:
             continue
+        if key not in old and isinstance(saved, dict):
+            # The checkpoint predates the key: it was trained with the behaviour the key's default keeps.
+            defaults = _key_defaults() if defaults is None else defaults
+            if key in defaults and defaults[key] == b:
+                continue
         if key in allowed:
             changed[key] = (a, b)
             continue

@@ -190,6 +190,34 @@ def test_resume_of_a_token_budget_run_compares_the_budgeted_steps(tmp_path):
         validate(compose(*budget, f"trainer.tokens={step_tokens}", f"ckpt_path={ckpt}"))
 
 
+def test_checkpoint_older_than_a_key_resumes_at_its_default(trained, tmp_path):
+    """A key added after the checkpoint was written (absent from its stored config) compares as its default, the
+    behaviour the checkpoint was trained with; any other value of it is refused, naming it."""
+    from quest_pl.config import ConfigError, validate
+
+    ckpt = torch.load(trained / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    del ckpt["quest_pl_config"]["quant"]["backward_format"], ckpt["quest_pl_config"]["optim"]["quant_lr_scale"]
+    old = tmp_path / "old.ckpt"
+    torch.save(ckpt, old)
+    validate(resume_cfg(old))
+    with pytest.raises(ConfigError, match=r"trained with quant\.backward_format='<absent>'.*'mxfp4'"):
+        validate(resume_cfg(old, "quant.backward_format=mxfp4"))
+
+
+def test_checkpoint_older_than_a_key_on_the_command_line(trained, monkeypatch, capsys, tmp_path, hydra_cleanup):
+    """The same comparison inside the running app (its own Hydra instance composes the defaults)."""
+    ckpt = torch.load(trained / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    del ckpt["quest_pl_config"]["quant"]["backward_format"]
+    old = tmp_path / "old.ckpt"
+    torch.save(ckpt, old)
+    run = tmp_path / "run"
+    run.mkdir()
+    code, _, err = run_cli_inprocess(
+        monkeypatch, capsys, run, *TINY, "trainer.max_steps=2", f"ckpt_path={old}", "quant.backward_format=int8"
+    )
+    assert code == 2 and err.count("\n") == 1 and "quant.backward_format" in err, err
+
+
 def test_checkpoint_without_stored_config_is_compared_on_its_hyperparameters(trained, tmp_path):
     from quest_pl.config import ConfigError, validate
 

@@ -202,6 +202,8 @@ def test_config_default_and_compile():
         validate(compose("quant=lsq_w4a4", "quant.learned_init_steps=40", "compile=true"))
     assert str(err.value).startswith("quant.learned_init_steps=40: ") and "compile=false" in str(err.value)
     assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="compile=false"):  # a module built in Python, without the config check
+        LMModule(TINY, OPTIM, quant=quant(learned_init_steps=40), compile=True)
 
 
 def test_checkpoint_written_before_the_option_resumes_with_zero():

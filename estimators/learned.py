@@ -12,7 +12,9 @@ The gradient reaching the log is the scale's own (LSQ's or PACT's formula) times
 The parameter is created at construction (never in forward) and initialised from the first batch it sees. A
 persistent `initialized` buffer records that, so a state_dict round trip restores the scale exactly and a resumed run
 never re-initialises. Under torch.distributed the initial value is averaged over ranks, so all DDP replicas start from
-the same scale.
+the same scale. `reinitialize_learned_scales` clears that mark, so the next forward initialises again, floor included:
+the training module calls it before each training forward of the first `quant.learned_init_steps` optimizer steps
+(`quest_pl.module`), so during that window every scale is set from the current batch by its init rule.
 
 Floor (issue #11): every forward first clamps the log in place, without gradient, onto [log floor, inf), where `floor`
 (a persistent buffer, in the scale's units) is SCALE_FLOOR times the initial value (never below SCALE_EPS). The log
@@ -134,6 +136,16 @@ class LearnedScale(nn.Module):
     def remember(self, in_range: Tensor) -> None:
         if self.record_mask:
             self.last_mask = in_range
+
+
+@torch.no_grad()
+def reinitialize_learned_scales(model: nn.Module) -> None:
+    """Mark every learned scale of ``model`` uninitialised: its next forward sets it (and its floor) from that forward's
+    input by the usual init rule, as on a first batch (``quant.learned_init_steps``, METHOD.md §1.9)."""
+    for module in model.modules():
+        if isinstance(module, LearnedScale):
+            module.initialized.fill_(False)
+            module._initialized_seen = False
 
 
 @torch.no_grad()

@@ -120,6 +120,12 @@ def validate(cfg: DictConfig) -> None:
         optional=True,
     )
     check(cfg, "compile", lambda v: isinstance(v, bool), "true or false")
+    init_steps = OmegaConf.select(cfg, "quant.learned_init_steps", default=0)
+    if cfg.compile and _is_int(init_steps) and init_steps > 0:
+        raise ConfigError(
+            f"quant.learned_init_steps={init_steps}: expected 0 with compile=true (re-initialising the learned "
+            "scales is a data-dependent branch of the eager forward); train with compile=false"
+        )
     # optim
     check(cfg, "optim.lr", lambda v: _is_number(v) and v > 0, "a finite number > 0")
     check(cfg, "optim.weight_decay", lambda v: _is_number(v) and v >= 0, "a finite number >= 0")
@@ -213,8 +219,9 @@ def validate_quant(cfg: DictConfig) -> None:
 
 
 def check_bits_without_grid(cfg: DictConfig) -> None:
-    """A single run given bits but no grid would train in full precision under the user's nose. (In a sweep,
-    ``quant.bits=N`` moves every quantized arm and leaves the BF16 baseline arm as it is: allowed there.)"""
+    """A single run given bits (or ``quant.learned_init_steps``) but no grid would train in full precision under the
+    user's nose. (In a sweep, ``quant.bits=N`` moves every quantized arm and leaves the BF16 baseline arm as it is:
+    allowed there.)"""
     q = cfg.quant
     if q.get("grid") is None:
         for key in ("bits", "w_bits", "a_bits", "w_grid", "a_grid"):
@@ -223,6 +230,12 @@ def check_bits_without_grid(cfg: DictConfig) -> None:
                     f"quant.{key}={q.get(key)!r}: quant.grid is null (nothing is quantized); choose a grid "
                     f"(e.g. quant=quest_w4a4) or leave quant.{key} null"
                 )
+        init_steps = q.get("learned_init_steps", 0)
+        if _is_int(init_steps) and init_steps > 0:
+            raise ConfigError(
+                f"quant.learned_init_steps={init_steps}: expected 0, as quant.grid is null (nothing is quantized, no "
+                "learned scale); choose a learned-scale config (e.g. quant=lsq_w4a4)"
+            )
 
 
 def validate_trainer(cfg: DictConfig) -> None:
@@ -413,6 +426,9 @@ RESUME_KEYS = ("model", "quant", "optim", "data", "seed", "trainer.max_steps", "
                "trainer.gradient_clip_val", "trainer.precision", "trainer.devices", "trainer.num_nodes")  # fmt: skip
 RESUME_GROUPS = ("model", "quant", "optim", "data", "seed", "trainer")
 RESUME_IGNORED = ("data.num_workers", "data.cache_dir", "quant.kernel")
+# Keys added after checkpoints were written: absent from such a checkpoint's config, they compare as this default
+# (what those runs did).
+RESUME_DEFAULTS = {"quant.learned_init_steps": 0}
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -481,7 +497,7 @@ def check_resume(cfg: DictConfig, ckpt: dict) -> dict[str, tuple[Any, Any]]:
     changed = {}
     defaults = None
     for key in keys:
-        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        a, b = old.get(key, RESUME_DEFAULTS.get(key, "<absent>")), new.get(key, RESUME_DEFAULTS.get(key, "<absent>"))
         if a == b:
             continue
         if key not in old and isinstance(saved, dict):

@@ -38,6 +38,14 @@ class LMModule(L.LightningModule):
     :class:`~quest_pl.model.LlamaConfig` fields, ``quant`` the ``quant`` config group (``None`` or ``grid: null``:
     full precision). LSQ/PACT parameters get their own optimizer group (``optim.quant_lr_scale``,
     ``optim.quant_weight_decay``).
+
+    ``quant.learned_init_steps = K`` (METHOD.md §1.9): while ``global_step < K`` (optimizer steps, so every micro-batch
+    of an accumulated step counts as inside), each training forward first re-initialises every learned scale from its
+    own input (``estimators.learned.reinitialize_learned_scales``), and the scales' gradients are dropped before the
+    optimizer step, which then neither moves nor decays them and keeps no Adam state for them. After step K each scale
+    is the init rule applied to the last micro-batch of step K, and its first learned update starts from fresh Adam
+    moments. Validation forwards never re-initialise. The window is a function of ``global_step``, which a checkpoint
+    restores: a resume inside it continues it, one past it never re-initialises.
     """
 
     def __init__(
@@ -58,11 +66,20 @@ class LMModule(L.LightningModule):
         self.quant = QuantConfig.from_cfg(quant, model_cfg)
         if self.quant is not None:
             quantize_model(self.model, self.quant)
+            if compile and self.quant.learned_init_steps:  # also checked by config.validate, before any work
+                from quest_pl.config import ConfigError
+
+                raise ConfigError(
+                    f"quant.learned_init_steps={self.quant.learned_init_steps}: expected 0 with compile=true "
+                    "(re-initialising the learned scales is a data-dependent branch of the eager forward); train "
+                    "with compile=false"
+                )
         # Not a submodule attribute: the checkpoint holds the eager model's keys only, compiled or not.
         object.__setattr__(self, "compiled", torch.compile(self.model) if compile else None)
         self.val_loss = MeanMetric(nan_strategy="disable")  # a NaN loss makes the mean NaN, never dropped
         self.last_val_step: int | None = None  # global step of the latest validation (train.py adds a final one)
         self._last_log: tuple[float, int] | None = None
+        self._scales_held = False  # this optimizer step is inside quant.learned_init_steps: the scales are not stepped
 
     @property
     def net(self) -> nn.Module:
@@ -76,8 +93,17 @@ class LMModule(L.LightningModule):
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
     # -- training -----------------------------------------------------------------------------------------------
+    def in_learned_init(self) -> bool:
+        """Whether the current optimizer step is one of the first ``quant.learned_init_steps``."""
+        steps = self.quant.learned_init_steps if self.quant is not None else 0
+        return steps > 0 and self.trainer.global_step < steps
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         inputs, targets = batch
+        if self.in_learned_init():  # this forward sets every learned scale from its input (see the class docstring)
+            from quest_pl.estimators.learned import reinitialize_learned_scales
+
+            reinitialize_learned_scales(self.model)
         loss = self.loss_fn(self(inputs), targets)
         # One process: stop before the backward. Under DDP a rank alone must not stop (the others would wait in the
         # all-reduce): a non-finite loss there shows up in the all-reduced gradient norm on every rank.
@@ -93,7 +119,14 @@ class LMModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """A non-finite gradient norm stops training before the optimizer touches the weights (16-mixed excepted:
-        its gradient scaler skips such steps by design)."""
+        its gradient scaler skips such steps by design). Inside ``quant.learned_init_steps`` the learned scales'
+        gradients are dropped first: the optimizer leaves those scales (set from the batch) as they are."""
+        self._scales_held = self.in_learned_init()
+        if self._scales_held:
+            for group in optimizer.param_groups:
+                if group.get("name") == "quantizer":
+                    for p in group["params"]:
+                        p.grad = None
         if self.trainer.precision == "16-mixed":
             return
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -208,8 +241,9 @@ class LMModule(L.LightningModule):
             from quest_pl.estimators.learned import decay_learned_scales, project_learned_scales
 
             def after_step(optimizer, *_) -> None:
+                held, self._scales_held = self._scales_held, False
                 for group in optimizer.param_groups:
-                    if group.get("scale_decay"):
+                    if group.get("scale_decay") and not held:  # inside quant.learned_init_steps: no decay either
                         decay_learned_scales(group["params"], math.exp(-group["lr"] * group["scale_decay"]))
                 project_learned_scales(self.model)
 

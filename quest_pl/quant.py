@@ -81,12 +81,16 @@ class QuantConfig:
     backward: str = "none"  # "none" | "sr" | "rtn_rht" (estimators.backward)
     backward_format: str = "nvfp4"  # "nvfp4" | "mxfp4" | "int8"
     backward_operands: str = "grad"  # "grad" (the output gradient) | "all" (also the saved weight and activation)
+    # Optimizer steps during which every learned scale is set from each training batch by its init rule, not trained
+    # (quest_pl.module; METHOD.md §1.9); 0: initialised on the first batch only.
+    learned_init_steps: int = 0
 
     def __post_init__(self) -> None:
         """Checks for a config built directly in Python (``from_cfg`` and ``make`` build valid ones)."""
         for key, allowed in BACKWARD_KEYS.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"QuantConfig.{key}={getattr(self, key)!r}: expected one of {', '.join(allowed)}")
+        learned_init_error(self.learned_init_steps, [self.weight, self.act], "QuantConfig.learned_init_steps")
         if self.hadamard not in (None, *HADAMARD_MODES):
             raise ConfigError(f"QuantConfig.hadamard={self.hadamard!r}: expected None, 'half' or 'full'")
         if self.kernel not in KERNEL_MODES:
@@ -166,6 +170,8 @@ class QuantConfig:
         for key, value in backward.items():  # checked first: a typo is an error even in a full-precision arm
             if value not in BACKWARD_KEYS[key]:
                 raise ConfigError(f"quant.{key}={value!r}: expected one of {', '.join(BACKWARD_KEYS[key])}")
+        learned_init_steps = get("learned_init_steps", 0)
+        learned_init_error(learned_init_steps, [])  # the type, also in a full-precision arm
         if get("grid") is None:
             return None
         estimator_names = sorted(estimators.ESTIMATORS)
@@ -226,6 +232,7 @@ class QuantConfig:
             specs[op] = spec
         if specs["w"] is None and specs["a"] is None:
             return None
+        learned_init_error(learned_init_steps, list(specs.values()))
         hadamard = mode if get("hadamard", False) else None
         matmul = get("matmul", "auto")
         if matmul not in MATMUL_MODES:
@@ -262,7 +269,34 @@ class QuantConfig:
             kernel=kernel,
             matmul=matmul,
             hadamard_block=block,
+            learned_init_steps=learned_init_steps,
             **backward,
+        )
+
+
+def has_learned_scale(estimator: str) -> bool:
+    """Whether the registered estimator ``estimator`` owns a learned scale (LSQ's step, PACT's clip level)."""
+    from quest_pl.estimators.learned import LearnedScale
+
+    cls = estimators.ESTIMATORS.get(estimator)
+    return isinstance(cls, type) and issubclass(cls, LearnedScale)
+
+
+def learned_init_error(steps, specs: list, key: str = "quant.learned_init_steps") -> None:
+    """``quant.learned_init_steps``: an integer >= 0, and > 0 only when an operand of ``specs`` (OperandSpec or None;
+    an empty list skips this part) has a learned scale."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise ConfigError(
+            f"{key}={steps!r}: expected an integer >= 0 (optimizer steps during which the learned scales are set "
+            "from each batch; 0: from the first batch only)"
+        )
+    quantized = [spec for spec in specs if spec is not None]
+    if steps and quantized and not any(has_learned_scale(spec.estimator) for spec in quantized):
+        used = " and ".join(sorted({spec.estimator for spec in quantized}))
+        learned = " or ".join(sorted(name for name in estimators.ESTIMATORS if has_learned_scale(name)))
+        raise ConfigError(
+            f"{key}={steps!r}: expected 0, as no quantized operand has a learned scale (estimator {used}); "
+            f"a value > 0 needs {learned} on an operand"
         )
 
 

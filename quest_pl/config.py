@@ -426,9 +426,6 @@ RESUME_KEYS = ("model", "quant", "optim", "data", "seed", "trainer.max_steps", "
                "trainer.gradient_clip_val", "trainer.precision", "trainer.devices", "trainer.num_nodes")  # fmt: skip
 RESUME_GROUPS = ("model", "quant", "optim", "data", "seed", "trainer")
 RESUME_IGNORED = ("data.num_workers", "data.cache_dir", "quant.kernel")
-# Keys added after checkpoints were written: absent from such a checkpoint's config, they compare as this default
-# (what those runs did).
-RESUME_DEFAULTS = {"quant.learned_init_steps": 0}
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -497,13 +494,14 @@ def check_resume(cfg: DictConfig, ckpt: dict) -> dict[str, tuple[Any, Any]]:
     changed = {}
     defaults = None
     for key in keys:
-        a, b = old.get(key, RESUME_DEFAULTS.get(key, "<absent>")), new.get(key, RESUME_DEFAULTS.get(key, "<absent>"))
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
         if a == b:
             continue
         if key not in old and isinstance(saved, dict):
             # The checkpoint predates the key: it was trained with the behaviour the key's default keeps.
             defaults = _key_defaults() if defaults is None else defaults
-            if key in defaults and defaults[key] == b:
+            a = defaults.get(key, a)
+            if a == b:
                 continue
         if key in allowed:
             changed[key] = (a, b)

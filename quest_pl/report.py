@@ -404,11 +404,44 @@ def write_tensorboard_hparams(jobs: list[dict]) -> list[Path]:
     return hparams.write_sweep_hparams(tb_dirs, hparams.sweep_values(entries))
 
 
+def _settings(job: dict) -> dict:
+    from quest_pl.hparams import config_values
+
+    return {k: repr(v) for k, v in config_values(job.get("_config") or {}).items()}
+
+
+def split_variants(jobs: list[dict]) -> None:
+    """Jobs of one arm name whose settings differ (a sweep over ``quant.clip_scale=1,1.3`` or ``optim.lr=...``) are
+    different arms, not seeds of one: each gets the differing keys in its arm label, ``quest_w4a4 [optim.lr=0.001]``.
+    And each job's ``_context`` holds its values of the non-``quant`` keys that differ across the whole sweep, so that
+    it is paired with the BF16 run of the same seed *and* the same context (:func:`group`)."""
+    settings = [_settings(j) for j in jobs]
+    every = list(dict.fromkeys(k for s in settings for k in s))
+    context = [k for k in every if not k.startswith("quant.") and len({s.get(k) for s in settings}) > 1]
+    for j, s in zip(jobs, settings):
+        j["_context"] = tuple(s.get(k) for k in context)
+    by_arm: dict[str, list[int]] = {}
+    for i, j in enumerate(jobs):
+        by_arm.setdefault(j["arm"], []).append(i)
+    for indices in by_arm.values():
+        keys = [k for k in every if len({settings[i].get(k) for i in indices}) > 1]
+        if not keys:
+            continue
+        for i in indices:
+            values = ", ".join(f"{k}={settings[i].get(k, '-')}".replace("'", "") for k in keys)
+            jobs[i]["arm"] = f"{jobs[i]['arm']} [{values}]"
+
+
 def group(jobs: list[dict]) -> list[dict]:
-    """One row per arm (first-appearance order): means over seeds and the paired difference to BF16."""
-    base = {j["seed"]: j["val_loss"] for j in jobs if j["method"] == "BF16" and j["val_loss"] is not None}
+    """One row per arm (first-appearance order; arms split by :func:`split_variants`): means over seeds and the paired
+    difference to the BF16 run of the same seed and context."""
+    split_variants(jobs)
+    base = {
+        (j["seed"], j["_context"]): j["val_loss"] for j in jobs if j["method"] == "BF16" and j["val_loss"] is not None
+    }
     for j in jobs:
-        j["delta_bf16"] = None if j["val_loss"] is None or j["seed"] not in base else j["val_loss"] - base[j["seed"]]
+        ref = base.get((j["seed"], j["_context"]))
+        j["delta_bf16"] = None if j["val_loss"] is None or ref is None else j["val_loss"] - ref
     arms: dict[str, list[dict]] = {}
     for j in jobs:
         arms.setdefault(j["arm"], []).append(j)

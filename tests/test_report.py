@@ -299,3 +299,34 @@ def test_format_ablation_report_has_a_ptq_row_per_arm_format(tmp_path):
     g32, nv = settings["ptq_gaussian_mse_g32_w4a4"], settings["ptq_nvfp4_4over6_h16_w4a4"]
     assert (g32["group_size"], g32["act_group_size"], g32["hadamard_block"]) == (32, 32, 128)
     assert (nv["grid"], nv["scale_rule"], nv["hadamard_block"], nv["act_bits"]) == ("nvfp4", "four_over_six", 16, 4)
+
+
+def test_runs_of_one_arm_name_with_different_settings_are_separate_arms(tmp_path):
+    """A sweep over a key that the arm name does not show (``optim.lr=0.003,0.01`` with ``quant=bf16,quest_w4a4``)
+    must not pool the two QuEST settings as four seeds of one arm: each setting is its own row, labelled with the
+    differing key, and is paired with the BF16 run of the same seed and the same optim.lr (none here for 0.01)."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from quest_pl.report import write_report
+
+    sweep = fake_sweep(tmp_path, seeds=(0, 1), arms={a: ARMS[a] for a in ("bf16", "quest_w4a4")})
+    for job in [d for d in sweep.iterdir() if (d / "metrics.json").is_file()]:
+        cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
+        cfg.optim = {"lr": 0.003}
+        OmegaConf.save(cfg, job / ".hydra" / "config.yaml")
+    for seed, loss in ((0, 4.5), (1, 4.7)):
+        variant = sweep / f"{10 + seed}_quest_w4a4_s{seed}"
+        shutil.copytree(sweep / f"{2 + seed}_quest_w4a4_s{seed}", variant)
+        cfg = OmegaConf.load(variant / ".hydra" / "config.yaml")
+        cfg.optim.lr = 0.01
+        OmegaConf.save(cfg, variant / ".hydra" / "config.yaml")
+        metrics = json.loads((variant / "metrics.json").read_text())
+        (variant / "metrics.json").write_text(json.dumps(dict(metrics, **{"val/loss": loss})))
+    rows = {r["arm"]: r for r in write_report(sweep, ptq=False)}
+    low, high = rows["quest_w4a4 [optim.lr=0.003]"], rows["quest_w4a4 [optim.lr=0.01]"]
+    assert (low["seeds"], high["seeds"]) == (2, 2)
+    assert low["val_loss"] == pytest.approx((4.05 + 4.20) / 2) and high["val_loss"] == pytest.approx(4.6)
+    assert low["delta_bf16"] == pytest.approx(((4.05 - 4.00) + (4.20 - 4.10)) / 2)
+    assert high["delta_bf16"] is None  # no BF16 run at optim.lr=0.01 to pair with

@@ -419,3 +419,32 @@ def test_quantizer_parameters_are_clipped_apart_from_the_model():
         assert torch.equal(p.grad, model_before[n])  # the model's norm is far below 1: untouched
     quant_norm = torch.cat([p.grad.flatten() for n, p in named if is_quantizer_param(n)]).norm()
     assert quant_norm.item() == pytest.approx(1.0, rel=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_apply_mask_is_the_product_with_the_bool_mask(dtype):
+    """The uint8 view gives bit for bit ``t * mask``: signed zeros, infinities and NaN included."""
+    from quest_pl.estimators.base import apply_mask
+
+    t = torch.randn(3, 64, generator=torch.Generator().manual_seed(3)).to(dtype)
+    t[0, :6] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, -1.0])
+    mask = torch.rand(3, 64, generator=torch.Generator().manual_seed(4)) < 0.5
+    mask[0, :6] = torch.tensor([True, False, True, False, True, False])
+    out, ref = apply_mask(t, mask), t * mask
+    as_bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    assert out.dtype == ref.dtype == dtype
+    assert torch.equal(out.view(as_bits), ref.view(as_bits))
+
+
+def test_pact_clip_gradient_is_the_masked_sum_bit_for_bit():
+    """alpha's gradient: the sum over the clipped elements of sign(x) g, bit for bit ``torch.where`` then ``sum``."""
+    x = torch.randn(8, 256, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    g = torch.randn(8, 256, generator=torch.Generator().manual_seed(6))
+    pact = build("pact", "gaussian_mse", 4, grad_scale=False)
+    with torch.no_grad():
+        pact.clip.fill_(1.5)
+        pact.initialized.fill_(True)
+    pact(x).backward(g)
+    inside = x.detach().abs() <= 1.5
+    assert torch.equal(pact.clip.grad, torch.where(inside, 0.0, g * torch.sign(x.detach())).sum().reshape(1))
+    assert torch.equal(x.grad, torch.where(inside, g, 0.0))

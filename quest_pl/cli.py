@@ -86,9 +86,9 @@ def keep_freed_memory() -> None:
 
     PyTorch's CPU tensors come from malloc. By default glibc maps a large block (128 KiB to a few MiB, adapting) with
     its own mmap and unmaps it on free, so every training step faults in and zeroes its activations and gradients
-    afresh: on the 2-core CPU runs that was 5-15k page faults and 10-30 ms of kernel time per step (BENCHMARKS.md). The
-    two settings keep those blocks in the heap for the next step; values are unchanged. Skipped off glibc, and when
-    the user set either ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_`` (glibc's own variables)."""
+    afresh: on the 2-core CPU runs that was 2,000-16,000 page faults and 5-30 ms of kernel time per step
+    (BENCHMARKS.md). The two settings keep those blocks in the heap for the next step; values are unchanged. Skipped
+    off glibc, and when the user set ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_`` (glibc's variables)."""
     if not sys.platform.startswith("linux") or {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"} & set(os.environ):
         return
     import ctypes

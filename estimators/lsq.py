@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from quest_pl.estimators.base import register_estimator
+from quest_pl.estimators.base import apply_mask, register_estimator
 from quest_pl.estimators.learned import LearnedScale
 from quest_pl.quantizers import Grid
 from quest_pl.quantizers.gaussian import normal_tail2
@@ -46,9 +46,9 @@ class _LSQGrad(torch.autograd.Function):
         x, step, in_range = ctx.saved_tensors
         x32 = x.float()
         values, _ = lsq_forward(x32, step, ctx.grid)
-        step_coeff = (values - x32 * in_range) / step.float()
+        step_coeff = (values - apply_mask(x32, in_range)) / step.float()
         grad_step = (grad.float() * step_coeff * ctx.grad_scale).sum_to_size(step.shape)
-        return grad * in_range, grad_step.to(step.dtype), None, None, None, None
+        return apply_mask(grad, in_range), grad_step.to(step.dtype), None, None, None, None
 
 
 @register_estimator("lsq")

@@ -280,3 +280,17 @@ def test_diagnostics_on_the_same_step_do_not_contaminate_each_other(tmp_path, re
     assert any("/act" in k for k in alone) and set(alone) == set(together)
     for k, v in alone.items():
         assert together[k] == pytest.approx(v, rel=1e-9, abs=0), k
+
+
+def test_rendered_pixels_are_the_saved_png(tmp_path):
+    """``render`` draws once: the pixels it returns for TensorBoard are those of the PNG it wrote."""
+    from matplotlib.image import imread
+
+    from quest_pl.callbacks.figures import alignment_by_depth, render
+
+    rows = [(step, "weight", f"blocks.{i}.mlp.w12", 0.5, 0.3 + 0.1 * i, 0.05) for step in (50, 100) for i in range(3)]
+    path = tmp_path / "figures" / "alignment_by_depth.png"
+    pixels = render(alignment_by_depth(rows), path)
+    saved = np.round(imread(path)[..., :3] * 255).astype(np.uint8)
+    assert pixels.dtype == np.uint8 and pixels.shape == saved.shape
+    assert np.array_equal(pixels, saved)

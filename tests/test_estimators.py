@@ -506,3 +506,35 @@ def test_quant_weight_decay_shrinks_every_learned_scale():
     for n, e in m.model.named_modules():
         if n in scales:
             assert torch.allclose(e.learned.detach(), scales[n] * factor, rtol=2e-5), n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_apply_mask_is_the_product_with_the_bool_mask(dtype):
+    """The uint8 view gives bit for bit ``t * mask``: signed zeros, infinities and NaN included."""
+    from quest_pl.estimators.base import apply_mask
+
+    t = torch.randn(3, 64, generator=torch.Generator().manual_seed(3)).to(dtype)
+    t[0, :6] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, -1.0])
+    mask = torch.rand(3, 64, generator=torch.Generator().manual_seed(4)) < 0.5
+    mask[0, :6] = torch.tensor([True, False, True, False, True, False])
+    out, ref = apply_mask(t, mask), t * mask
+    as_bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    assert out.dtype == ref.dtype == dtype
+    assert torch.equal(out.view(as_bits), ref.view(as_bits))
+
+
+def test_pact_clip_gradient_is_the_masked_sum_bit_for_bit():
+    """alpha's gradient: the sum over the clipped elements of sign(x) g, bit for bit ``torch.where`` then ``sum``."""
+    x = torch.randn(8, 256, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    g = torch.randn(8, 256, generator=torch.Generator().manual_seed(6))
+    pact = build("pact", "gaussian_mse", 4, grad_scale=False)
+    with torch.no_grad():
+        pact.log_clip.fill_(math.log(1.5))
+        pact.initialized.fill_(True)
+    alpha = float(pact.clip)
+    pact(x).backward(g)
+    inside = x.detach().abs() <= alpha
+    expected = torch.where(inside, 0.0, g * torch.sign(x.detach())).sum().reshape(1)
+    # the parameter is log(alpha): its gradient is alpha times alpha's (METHOD.md §1.9)
+    torch.testing.assert_close(pact.log_clip.grad, expected * alpha, rtol=1e-6, atol=0)
+    assert torch.equal(x.grad, torch.where(inside, g, 0.0))

@@ -18,11 +18,12 @@ def _figure(width: float = 6.4, height: float = 4.2):
 
 
 def render(fig, path: Path) -> np.ndarray:
-    """Save ``fig`` as a PNG at ``path``; return its pixels (H, W, 3 uint8) for TensorBoard."""
+    """Save ``fig`` as a PNG at ``path``; return its pixels (H, W, 3 uint8) for TensorBoard.
+
+    Drawn once: saving a PNG draws on the figure's Agg canvas, whose buffer then holds the same pixels."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     canvas = FigureCanvasAgg(fig)
-    canvas.draw()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()

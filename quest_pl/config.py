@@ -122,10 +122,7 @@ def validate(cfg: DictConfig) -> None:
     check(cfg, "compile", lambda v: isinstance(v, bool), "true or false")
     init_steps = OmegaConf.select(cfg, "quant.learned_init_steps", default=0)
     if cfg.compile and _is_int(init_steps) and init_steps > 0:
-        raise ConfigError(
-            f"quant.learned_init_steps={init_steps}: expected 0 with compile=true (re-initialising the learned "
-            "scales is a data-dependent branch of the eager forward); train with compile=false"
-        )
+        raise learned_init_compile_error(init_steps)
     # optim
     check(cfg, "optim.lr", lambda v: _is_number(v) and v > 0, "a finite number > 0")
     check(cfg, "optim.weight_decay", lambda v: _is_number(v) and v >= 0, "a finite number >= 0")
@@ -216,6 +213,14 @@ def validate_quant(cfg: DictConfig) -> None:
         path = os.path.expanduser(str(p.get("from")))
         if not os.path.isfile(path):
             raise ConfigError(f"ptq.from={p.get('from')!r}: no such file")
+
+
+def learned_init_compile_error(steps: int) -> ConfigError:
+    """``quant.learned_init_steps`` > 0 under ``compile=true`` (checked by :func:`validate` and by the module)."""
+    return ConfigError(
+        f"quant.learned_init_steps={steps}: expected 0 with compile=true (re-initialising the learned scales is a "
+        "data-dependent branch of the eager forward); train with compile=false"
+    )
 
 
 def check_bits_without_grid(cfg: DictConfig) -> None:
@@ -458,9 +463,13 @@ def _key_defaults() -> dict[str, Any]:
         cfg = loader.load_configuration(config_name="config", overrides=overrides, run_mode=RunMode.RUN)
     else:
         cfg = compose(*overrides)
+    return _resume_view(_flatten(_resume_groups(cfg)))
+
+
+def _resume_groups(cfg: DictConfig) -> dict[str, Any]:
+    """The groups a resume compares (:data:`RESUME_GROUPS`), resolved to plain containers."""
     plain = {g: cfg.get(g) for g in RESUME_GROUPS}
-    plain = {g: OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig) else v for g, v in plain.items()}
-    return _resume_view(_flatten(plain))
+    return {g: OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig) else v for g, v in plain.items()}
 
 
 def check_resume(cfg: DictConfig, ckpt: dict) -> dict[str, tuple[Any, Any]]:
@@ -477,8 +486,7 @@ def check_resume(cfg: DictConfig, ckpt: dict) -> dict[str, tuple[Any, Any]]:
         raise ConfigError(f"ckpt_path={path!r}: the checkpoint is at step {step}, past trainer.max_steps={max_steps}")
     allowed = set(OmegaConf.select(cfg, "resume.allow_changes", default=None) or [])
     groups = RESUME_GROUPS
-    plain = {g: cfg.get(g) for g in groups}
-    plain = {g: OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig) else v for g, v in plain.items()}
+    plain = _resume_groups(cfg)
     plain["trainer"]["max_steps"] = max_steps
     new = _resume_view(_flatten(plain))
     saved = ckpt.get("quest_pl_config")

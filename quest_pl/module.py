@@ -67,13 +67,9 @@ class LMModule(L.LightningModule):
         if self.quant is not None:
             quantize_model(self.model, self.quant)
             if compile and self.quant.learned_init_steps:  # also checked by config.validate, before any work
-                from quest_pl.config import ConfigError
+                from quest_pl.config import learned_init_compile_error
 
-                raise ConfigError(
-                    f"quant.learned_init_steps={self.quant.learned_init_steps}: expected 0 with compile=true "
-                    "(re-initialising the learned scales is a data-dependent branch of the eager forward); train "
-                    "with compile=false"
-                )
+                raise learned_init_compile_error(self.quant.learned_init_steps)
         # Not a submodule attribute: the checkpoint holds the eager model's keys only, compiled or not.
         object.__setattr__(self, "compiled", torch.compile(self.model) if compile else None)
         self.val_loss = MeanMetric(nan_strategy="disable")  # a NaN loss makes the mean NaN, never dropped

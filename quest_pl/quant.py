@@ -87,9 +87,7 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         """Checks for a config built directly in Python (``from_cfg`` and ``make`` build valid ones)."""
-        for key, allowed in BACKWARD_KEYS.items():
-            if getattr(self, key) not in allowed:
-                raise ConfigError(f"QuantConfig.{key}={getattr(self, key)!r}: expected one of {', '.join(allowed)}")
+        check_backward({key: getattr(self, key) for key in BACKWARD_KEYS}, "QuantConfig.")
         learned_init_error(self.learned_init_steps, [self.weight, self.act], "QuantConfig.learned_init_steps")
         if self.hadamard not in (None, *HADAMARD_MODES):
             raise ConfigError(f"QuantConfig.hadamard={self.hadamard!r}: expected None, 'half' or 'full'")
@@ -167,9 +165,7 @@ class QuantConfig:
             return None
         get = q.get
         backward = {key: get(key, default) for key, default in BACKWARD_DEFAULTS.items()}
-        for key, value in backward.items():  # checked first: a typo is an error even in a full-precision arm
-            if value not in BACKWARD_KEYS[key]:
-                raise ConfigError(f"quant.{key}={value!r}: expected one of {', '.join(BACKWARD_KEYS[key])}")
+        check_backward(backward, "quant.")  # first: a typo is an error even in a full-precision arm
         learned_init_steps = get("learned_init_steps", 0)
         learned_init_error(learned_init_steps, [])  # the type, also in a full-precision arm
         if get("grid") is None:
@@ -272,6 +268,13 @@ class QuantConfig:
             learned_init_steps=learned_init_steps,
             **backward,
         )
+
+
+def check_backward(values: dict, prefix: str) -> None:
+    """Each quantized-backward key of ``values`` (:data:`BACKWARD_KEYS`) is one of its allowed values."""
+    for key, value in values.items():
+        if value not in BACKWARD_KEYS[key]:
+            raise ConfigError(f"{prefix}{key}={value!r}: expected one of {', '.join(BACKWARD_KEYS[key])}")
 
 
 def has_learned_scale(estimator: str) -> bool:

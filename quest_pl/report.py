@@ -404,31 +404,26 @@ def write_tensorboard_hparams(jobs: list[dict]) -> list[Path]:
     return hparams.write_sweep_hparams(tb_dirs, hparams.sweep_values(entries))
 
 
-def _settings(job: dict) -> dict:
-    from quest_pl.hparams import config_values
-
-    return {k: repr(v) for k, v in config_values(job.get("_config") or {}).items()}
-
-
 def split_variants(jobs: list[dict]) -> None:
     """Jobs of one arm name whose settings differ (a sweep over ``quant.clip_scale=1,1.3`` or ``optim.lr=...``) are
     different arms, not seeds of one: each gets the differing keys in its arm label, ``quest_w4a4 [optim.lr=0.001]``.
     And each job's ``_context`` holds its values of the non-``quant`` keys that differ across the whole sweep, so that
     it is paired with the BF16 run of the same seed *and* the same context (:func:`group`)."""
-    settings = [_settings(j) for j in jobs]
-    every = list(dict.fromkeys(k for s in settings for k in s))
-    context = [k for k in every if not k.startswith("quant.") and len({s.get(k) for s in settings}) > 1]
+    from quest_pl.hparams import config_values, differing_keys
+
+    settings = [config_values(j.get("_config") or {}) for j in jobs]
+    context = [k for k in differing_keys(settings) if not k.startswith("quant.")]
     for j, s in zip(jobs, settings):
-        j["_context"] = tuple(s.get(k) for k in context)
+        j["_context"] = tuple(repr(s.get(k)) for k in context)
     by_arm: dict[str, list[int]] = {}
     for i, j in enumerate(jobs):
         by_arm.setdefault(j["arm"], []).append(i)
     for indices in by_arm.values():
-        keys = [k for k in every if len({settings[i].get(k) for i in indices}) > 1]
+        keys = differing_keys([settings[i] for i in indices])
         if not keys:
             continue
         for i in indices:
-            values = ", ".join(f"{k}={settings[i].get(k, '-')}".replace("'", "") for k in keys)
+            values = ", ".join(f"{k}={settings[i].get(k, '-')}" for k in keys)
             jobs[i]["arm"] = f"{jobs[i]['arm']} [{values}]"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import math
 import time
 
@@ -29,6 +30,26 @@ def warmup_cosine(
         return anneal(1.0 / init_div, 1.0, step / peak)
     peak = max(peak, 0)
     return anneal(1.0, final_frac, (step - peak) / max(1, total - 1 - peak))
+
+
+_EXIT_HANDLER = False  # destroy_process_group_at_exit registered its handler in this process
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def destroy_process_group_at_exit() -> None:
+    """Destroy the default process group when the process exits, if it is still alive then (registered once).
+
+    A ``ddp_spawn`` worker returns from ``fit`` and exits with its gloo group alive; gloo's worker threads are then
+    torn down during the interpreter's finalisation and can abort the process ("terminate called without an active
+    exception", SIGABRT) after a successful run. An ``atexit`` handler runs while the interpreter is still whole."""
+    global _EXIT_HANDLER
+    if not _EXIT_HANDLER and torch.distributed.is_available() and torch.distributed.is_initialized():
+        atexit.register(_destroy_process_group)
+        _EXIT_HANDLER = True
 
 
 class LMModule(L.LightningModule):
@@ -87,6 +108,9 @@ class LMModule(L.LightningModule):
     @staticmethod
     def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    def setup(self, stage: str) -> None:
+        destroy_process_group_at_exit()  # under DDP: the group goes before the interpreter does
 
     # -- training -----------------------------------------------------------------------------------------------
     def in_learned_init(self) -> bool:

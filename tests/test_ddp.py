@@ -67,3 +67,29 @@ def test_two_rank_resume_is_exact(tmp_path):
     wb = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_process_group_is_destroyed_at_exit():
+    """A ddp_spawn worker returns from fit and exits with its gloo group alive; gloo's threads then die during the
+    interpreter's finalisation (SIGABRT, "terminate called without an active exception", seen here at random on 2
+    loaded cores). The module registers the group's destruction at exit, while the interpreter is still whole."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import atexit, os
+        import torch.distributed as dist
+        from quest_pl.module import destroy_process_group_at_exit
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29531")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        destroy_process_group_at_exit()
+        destroy_process_group_at_exit()  # once only
+        atexit._run_exitfuncs()
+        print("initialized after exit handlers:", dist.is_initialized())
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "initialized after exit handlers: False" in out.stdout

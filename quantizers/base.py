@@ -213,3 +213,13 @@ def build(name: str, bits: float | None = None, group_size: int | None = None, *
     grid = GRIDS[name](bits=bits, **kwargs)
     grid.set_group_size(group_size)
     return grid
+
+
+def format_bits_per_element(weight: Grid | None, act: Grid | None, row_length: int) -> str:
+    """``"W<b>A<b>"`` from the operands' grids (None: 16, full precision), ``Grid.bits_per_element(row_length)`` to
+    4 significant digits: the storage cost a report lists for a quantized model (QAT arms and PTQ rows)."""
+
+    def operand(grid: Grid | None) -> str:
+        return "16" if grid is None else f"{grid.bits_per_element(row_length):.4g}"
+
+    return f"W{operand(weight)}A{operand(act)}"

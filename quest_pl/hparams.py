@@ -46,10 +46,10 @@ def config_values(cfg: dict) -> dict:
 
 
 def run_values(cfg) -> dict:
-    """What a training run lists on its own: ``arm`` (:func:`quest_pl.sweep.arm_name`), ``seed``, ``quant.*``."""
+    """What a training run lists on its own: ``arm`` (:func:`quest_pl.config.names.arm_name`), ``seed``, ``quant.*``."""
     from omegaconf import OmegaConf
 
-    from quest_pl.sweep import arm_name
+    from quest_pl.config.names import arm_name
 
     quant = OmegaConf.to_container(cfg.quant, resolve=True) or {}
     return {"arm": arm_name(cfg.quant), "seed": cfg.seed, **flatten(quant, "quant")}

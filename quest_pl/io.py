@@ -8,6 +8,7 @@ destination, so the final rename never crosses a filesystem.
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import math
 import os
@@ -86,3 +87,12 @@ def finite_or_none(value: Any) -> Any:
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:
     """Strict JSON (non-finite floats written as ``null``), written atomically."""
     atomic_write_text(path, json.dumps(finite_or_none(obj), indent=indent, allow_nan=False) + "\n")
+
+
+def atomic_write_csv(rows: list[dict], path: str | os.PathLike, columns) -> None:
+    """``rows`` as a CSV file with a header of ``columns`` (a missing or None value is an empty cell), atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for r in rows:
+            writer.writerow(["" if r.get(c) is None else r.get(c) for c in columns])

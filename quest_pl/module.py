@@ -52,6 +52,14 @@ def destroy_process_group_at_exit() -> None:
         _EXIT_HANDLER = True
 
 
+class Diverged(RuntimeError):
+    """Training stopped on a non-finite loss, gradient norm or validation loss (``run.py`` exits with status 3)."""
+
+    def __init__(self, step: int, what: str, value: float):
+        self.step, self.what, self.value = step, what, value
+        super().__init__(f"training diverged at step {step} ({what}={value:g})")
+
+
 class LMModule(L.LightningModule):
     """Wraps a :class:`~quest_pl.model.Llama` (optionally quantized by ``quest_pl.quant``).
 
@@ -133,8 +141,6 @@ class LMModule(L.LightningModule):
         return loss
 
     def _diverged(self, what: str, value: torch.Tensor) -> None:
-        from quest_pl.train import Diverged
-
         raise Diverged(self.trainer.global_step, what, float(value))
 
     def on_before_optimizer_step(self, optimizer) -> None:

@@ -237,9 +237,9 @@ def table(summaries: dict[str, dict]) -> str:
 def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     """``python run.py probe.from=CKPT probe.quant=[...]``: see the module docstring. Returns the summaries."""
     from quest_pl.callbacks.figures import save_both
+    from quest_pl.io import atomic_write_csv as write_csv
     from quest_pl.io import atomic_write_text
     from quest_pl.ptq import load_checkpoint, module_from_checkpoint, run_config_of
-    from quest_pl.report import write_csv
 
     ckpt_path, names, n_batches, device = check(cfg)
     key = f"probe.from={ckpt_path!r}"

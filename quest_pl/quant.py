@@ -37,6 +37,7 @@ from quest_pl.estimators.backward import (
     BACKWARD_OPERANDS,
     quantized_backward_linear,
 )
+from quest_pl.quantizers.base import format_bits_per_element
 
 log = logging.getLogger(__name__)
 
@@ -622,13 +623,3 @@ def bits_per_element(q, row_length: int) -> str:
     if cfg is None:
         return "W16A16"
     return format_bits_per_element(*(s and s.build_grid() for s in (cfg.weight, cfg.act)), row_length)
-
-
-def format_bits_per_element(weight: quantizers.Grid | None, act: quantizers.Grid | None, row_length: int) -> str:
-    """``"W<b>A<b>"`` from the operands' grids (None: 16, full precision), ``Grid.bits_per_element(row_length)`` to
-    4 significant digits: the report's ``bits_per_elem`` for QAT arms (:func:`bits_per_element`) and PTQ rows."""
-
-    def operand(grid: quantizers.Grid | None) -> str:
-        return "16" if grid is None else f"{grid.bits_per_element(row_length):.4g}"
-
-    return f"W{operand(weight)}A{operand(act)}"

@@ -34,7 +34,6 @@ formats (grid, bits, groups, scale rule, Hadamard block; one row per distinct fo
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import logging
@@ -540,13 +539,9 @@ def _cell(row: dict, col: str) -> str:
 
 
 def write_csv(rows: list[dict], path: Path, columns=COLUMNS) -> None:
-    from quest_pl.io import atomic_path
+    from quest_pl.io import atomic_write_csv
 
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        for r in rows:
-            writer.writerow(["" if r.get(c) is None else r.get(c) for c in columns])
+    atomic_write_csv(rows, path, columns)
 
 
 def _loss_cell(row: dict) -> str:
@@ -649,7 +644,7 @@ def write_report(sweep_dir: str | Path, echo: bool = False, ptq: bool = True) ->
     """Collect every finished job of ``sweep_dir`` and write ``summary.csv``, ``summary.md``, ``runs.csv`` and the
     figures there. With ``ptq``, add the PTQ rows of each seed's BF16 arm. Returns the arm rows."""
     from quest_pl.callbacks.figures import sweep_figures
-    from quest_pl.sweep import register_resolvers
+    from quest_pl.config.names import register_resolvers
 
     register_resolvers()
     sweep_dir = Path(sweep_dir)

@@ -8,63 +8,23 @@ job's directory is ``<num>_<arm>_s<seed>``, where the arm name states the bits a
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig
+
+# The run names and the resolvers of experiments/config.yaml live with the config (quest_pl.config.names): a
+# training run names itself, and the TensorBoard hparams of a run list its arm, below this layer.
+from quest_pl.config.names import (  # noqa: F401
+    ARM_RESOLVER,
+    SEEDS_RESOLVER,
+    arm_name,
+    quant_arm_name,
+    register_resolvers,
+    seed_list,
+)
 
 log = logging.getLogger(__name__)
-
-ARM_RESOLVER = "arm_name"
-SEEDS_RESOLVER = "seed_list"
-_BITS_SUFFIX = re.compile(r"_w[0-9.]+a[0-9.]+$")
-
-
-def _bits(b) -> str:
-    return "16" if b is None else f"{float(b):g}"
-
-
-def quant_arm_name(name: str, grid: str | None, w_bits=None, a_bits=None) -> str:
-    """``<quant.name without its _wXaY suffix>_w<w_bits>a<a_bits>`` (16 for a full-precision operand); the bare
-    name when nothing is quantized (``bf16``)."""
-    if grid is None or (w_bits is None and a_bits is None):
-        return name
-    return f"{_BITS_SUFFIX.sub('', name)}_w{_bits(w_bits)}a{_bits(a_bits)}"
-
-
-def arm_name(quant: DictConfig, ptq: DictConfig | None = None, probe: DictConfig | None = None) -> str:
-    """``run_name`` of a job: the quant arm's name (:func:`quant_arm_name`), the PTQ setting's name
-    (``ptq_<grid>_w<b>a<b>``, :class:`quest_pl.ptq.PTQConfig`) for a ``ptq.from=CKPT`` evaluation, or ``probe`` for
-    an alignment probe (``probe.from=CKPT``, :mod:`quest_pl.probe`)."""
-    if probe is not None and probe.get("from"):
-        return "probe"
-    if ptq is not None and ptq.get("from"):
-        from quest_pl.ptq import PTQConfig
-
-        return PTQConfig.name_of(ptq)  # not validated here: ptq.run reports bad values
-    return quant_arm_name(quant.get("name", "quant"), quant.get("grid"), quant.get("w_bits"), quant.get("a_bits"))
-
-
-def seed_list(seeds) -> str:
-    """``seeds`` (a list of integers, or one integer) as the sweeper's ``0,1,2`` choice list (``${seed_list:${seeds}}``
-    in the experiment files); anything else is a one-line error."""
-    values = list(seeds) if isinstance(seeds, (list, tuple, ListConfig)) else [seeds]
-    if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise ValueError(f"seeds={seeds!r}: expected a non-empty list of integers, e.g. seeds=[0,1,2]")
-    if len(set(values)) != len(values):
-        raise ValueError(f"seeds={list(values)!r}: expected distinct seeds")
-    return ",".join(str(v) for v in values)
-
-
-def register_resolvers() -> None:
-    """``${arm_name:${quant},${ptq},${probe}}`` for ``run_name`` in ``experiments/config.yaml`` and
-    ``${seed_list:${seeds}}`` for the experiments' sweeps. Idempotent; called by ``run.py`` before Hydra composes,
-    and by anything that resolves a saved config."""
-    if not OmegaConf.has_resolver(ARM_RESOLVER):
-        OmegaConf.register_new_resolver(ARM_RESOLVER, arm_name)
-    if not OmegaConf.has_resolver(SEEDS_RESOLVER):
-        OmegaConf.register_new_resolver(SEEDS_RESOLVER, seed_list)
 
 
 class SweepReport(Callback):

@@ -23,6 +23,7 @@ from quest_pl.config import (
     validate,
 )
 from quest_pl.io import TMP_PREFIX, atomic_write_json
+from quest_pl.module import Diverged
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +33,6 @@ def resolve_precision(precision: str | None, accelerator: str) -> str:
     if precision is None:
         return "bf16-mixed" if on_gpu else "32-true"
     return precision
-
-
-class Diverged(RuntimeError):
-    """Training stopped on a non-finite loss, gradient norm or validation loss (``run.py`` exits with status 3)."""
-
-    def __init__(self, step: int, what: str, value: float):
-        self.step, self.what, self.value = step, what, value
-        super().__init__(f"training diverged at step {step} ({what}={value:g})")
 
 
 def build_datamodule(cfg: DictConfig):

@@ -30,7 +30,6 @@ _LAZY = {
     "StepBatches": "quest_pl.data.module",
     "ResumeSampler": "quest_pl.data.module",
     "ResumableLoader": "quest_pl.data.module",
-    "validate": "quest_pl.data.keys",
 }
 
 __all__ = sorted(_LAZY)

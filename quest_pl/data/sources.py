@@ -12,7 +12,6 @@ with one line naming the file and the byte offset, never a corpus full of U+FFFD
 from __future__ import annotations
 
 import codecs
-import glob
 import hashlib
 import json
 import lzma
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quest_pl.config import ConfigError
+from quest_pl.config.data import text_files  # beside the data keys' validation, which needs it
 
 EMBEDDED_CORPUS = Path(__file__).resolve().parent.parent / "corpus" / "shakespeare.jsonl.xz"
 READ_BLOCK = 1 << 20  # bytes read (and decoded) at a time from a local file
@@ -35,11 +35,6 @@ HUB_TIMEOUT_S = 3.0
 class Document:
     name: str
     text: str
-
-
-def text_files(path: str) -> list[str]:
-    """The files a ``data.path`` names (a file or a recursive glob), sorted; directories are not documents."""
-    return sorted(f for f in glob.glob(os.path.expanduser(path), recursive=True) if os.path.isfile(f))
 
 
 def decoded_blocks(file: str, encoding: str = "utf-8") -> Iterator[str]:

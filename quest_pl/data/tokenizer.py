@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from quest_pl.config import ConfigError
+from quest_pl.config.data import is_hub_name  # beside the data keys' validation, which needs it
 
 EOS = "<|endoftext|>"
 EOS_NAMES = (EOS, "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>")
@@ -36,12 +37,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, length: int | None = 
     )
     tok.train_from_iterator(texts, trainer=trainer, length=length)
     return tok
-
-
-def is_hub_name(spec: str) -> bool:
-    """``org/name`` or ``name`` that is not an existing local path (``gpt2``, ``meta-llama/Llama-2-7b-hf``)."""
-    p = Path(os.path.expanduser(spec))
-    return not p.exists() and not spec.startswith((".", "/", "~")) and spec.count("/") <= 1
 
 
 def tokenizer_file(spec: str, key: str = "data.tokenizer") -> Path:

@@ -38,8 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-HOOKS = ("none", "fp16", "quantized", "correlated")
-BITS = (2, 4, 8)
+from quest_pl.config.validation import BITS  # the grad_comm keys' values, checked with the config
 
 
 def pack_codes(codes: Tensor, bits: int) -> Tensor:

@@ -34,26 +34,30 @@ HYDRA_ARTIFACTS = {".hydra", "run.log"}
 NOISE = ("💡", "litmodels", "LitLogger", "litlogger", "Skipping setting a default `ModelSummary`")
 
 
-class _NoPromotion(logging.Filter):
+class NoTips(logging.Filter):
+    """Drops the lines of :data:`NOISE`; attached to Hydra's two handlers by ``hydra.job_logging`` in
+    ``experiments/config.yaml``. By text because Lightning has no switch for its tips: they are ``rank_zero_info``
+    lines on the logger that also carries the lines worth keeping (devices, why ``fit`` stopped)."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         return not any(word in record.getMessage() for word in NOISE)
 
 
 def setup_logging() -> None:
-    """Each line once, on the console and in ``run.log`` (Hydra's two handlers): Lightning's own stream handler
-    removed and its records passed up; warnings through logging; no promotional tips."""
-    import lightning  # noqa: F401  (its import adds a console handler of its own: remove it now)
+    """Each line once, on the console and in ``run.log`` (Hydra's two handlers, configured by ``hydra.job_logging``);
+    warnings through logging."""
+    # Lightning's root package adds a console handler of its own at import, whatever the root logger has (and
+    # lightning.pytorch / lightning.fabric do when the root has none). It is imported here, after Hydra configured
+    # logging (importing it earlier would slow every command that ends on a config error by seconds), so Hydra's
+    # configuration cannot reach that handler: remove it, and pass Lightning's records up to Hydra's handlers.
+    import lightning  # noqa: F401
 
-    root = logging.getLogger()
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logger = logging.getLogger(name)
         for handler in list(logger.handlers):
             logger.removeHandler(handler)
         logger.propagate = True
-    for handler in root.handlers:
-        if not any(isinstance(f, _NoPromotion) for f in handler.filters):
-            handler.addFilter(_NoPromotion())
-    logging.captureWarnings(True)
+    logging.captureWarnings(True)  # Python's warnings into run.log too (no Hydra or Lightning setting does this)
 
 
 def echo(message: str, error: bool = False) -> None:

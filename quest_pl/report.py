@@ -368,7 +368,7 @@ def ptq_jobs(jobs: list[dict], sweep_dir: Path) -> list[dict]:
         where = sweep_dir if i == 0 else sweep_dir / f"ptq_s{base['seed']}"
         for r in sweep_rows([base, *quantized], where):
             r.update(seed=base["seed"], job=f"{base['job']} + {r['arm']}", status="ok")
-            r["_job_dir"] = where / "ptq" / r["arm"]  # quest_pl.ptq._sweep_row's run directory
+            r["_job_dir"] = where / "ptq" / r["arm"]  # quest_pl.ptq.rows._sweep_row's run directory
             out.append(r)
     return out
 

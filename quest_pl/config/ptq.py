@@ -7,7 +7,7 @@ import logging
 from dataclasses import asdict, dataclass, field, fields
 
 from quest_pl import quantizers
-from quest_pl.config.checks import ConfigError
+from quest_pl.config.checks import ConfigError, _is_int
 from quest_pl.quantizers.base import GROUP_SIZES, format_bits_per_element
 
 log = logging.getLogger(__name__)
@@ -275,7 +275,3 @@ def named_scale_rule(grid: str | None, rule: str | None) -> str | None:
     """The scale rule a PTQ name shows: None for none or the format's default (``absmax`` for mxfp4/nvfp4)."""
     rules = getattr(quantizers.GRIDS.get(grid), "scale_rules", ())
     return None if rule is None or (rules and rule == rules[0]) else rule
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)

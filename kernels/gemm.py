@@ -61,7 +61,8 @@ def choose_backend(
     m: int, n: int, k: int, bits: int, device: torch.device, out_dtype: torch.dtype, backend: str | None = None
 ) -> str:
     """`backend` (or `FORCE_BACKEND`) if given and eligible; else the fastest eligible backend for this shape, timed
-    once on random codes and cached (the first eligible while a CUDA graph is being captured, or on CPU)."""
+    once on random codes and cached (the first eligible on CPU, while torch.compile traces, or while a CUDA graph is
+    captured, unless an eager call measured this shape before)."""
     eligible = eligible_backends(m, n, k, bits, device, out_dtype)
     if not eligible:
         raise ValueError(f"no low-precision GEMM serves {bits}-bit codes on {device} (need CUDA or TRITON_INTERPRET=1)")
@@ -71,9 +72,11 @@ def choose_backend(
             raise ValueError(f"GEMM backend {pinned!r} cannot serve {bits}-bit codes, K={k}, N={n}, {out_dtype} on "
                              f"{device} (eligible: {', '.join(eligible)})")  # fmt: skip
         return pinned
-    if len(eligible) == 1 or device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-        return _CHOICES.get((m, n, k, bits, str(device), out_dtype), eligible[0])
     key = (m, n, k, bits, str(device), out_dtype)
+    if len(eligible) == 1 or device.type != "cuda" or torch.compiler.is_compiling():
+        return _CHOICES.get(key, eligible[0])
+    if torch.cuda.is_current_stream_capturing():
+        return _CHOICES.get(key, eligible[0])
     if key not in _CHOICES:
         codes_a = torch.randint(-7, 8, (m, k), device=device, dtype=torch.int8) * 2 + 1
         codes_b = torch.randint(-7, 8, (n, k), device=device, dtype=torch.int8) * 2 + 1

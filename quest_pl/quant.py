@@ -13,8 +13,9 @@ quantizer, so a weight-only ``half`` run computes ``y = x Qw(W H)^T``: a fixed o
 latent weight that needs no Hadamard at inference (the paper's W*A16 runs). ``quant.hadamard_block`` (16-128) sets
 the block; group scales (``quant.group_size``, and the MXFP4/NVFP4 grids) nest with it (``quantizers.base``).
 
-``quant.backward`` = ``sr`` | ``rtn_rht`` quantizes the output gradient entering both backward GEMMs, in
-``quant.backward_format`` (``nvfp4``, ``mxfp4`` or ``int8``), and with ``quant.backward_operands=all`` the saved weight
+``quant.backward`` = ``sr`` | ``rtn`` | ``rtn_rht`` quantizes the output gradient entering both backward GEMMs, in
+``quant.backward_format`` (``nvfp4``, ``mxfp4``, ``int8`` or ``fp8``; ``rtn`` + ``fp8`` runs on FP8 tensor cores
+with ``quant.matmul=int8``), and with ``quant.backward_operands=all`` the saved weight
 and activation too (``estimators.backward``); ``none`` keeps the full-precision backward.
 """
 
@@ -234,7 +235,7 @@ class QuantConfig:
         if matmul not in MATMUL_MODES:
             raise ConfigError(f"quant.matmul={matmul!r}: expected one of {', '.join(MATMUL_MODES)}")
         if matmul == "int8":
-            reason = _int8_config_error(specs, kernel, backward["backward"])
+            reason = _int8_config_error(specs, kernel, **backward)
             if reason:
                 raise ConfigError(f"quant.matmul=int8: {reason}; use quant.matmul=auto or bf16")
         if kernel == "triton":
@@ -303,13 +304,23 @@ def learned_init_error(steps, specs: list, key: str = "quant.learned_init_steps"
         )
 
 
-def _int8_config_error(specs: dict, kernel: str, backward: str = "none") -> str | None:
+def _int8_config_error(
+    specs: dict, kernel: str, backward: str = "none", backward_format: str = "nvfp4", backward_operands: str = "grad"
+) -> str | None:
     """Why the INT8 forward GEMM cannot serve these operands (both quantized, centered integer grid <= 7 bits with one
-    scale per row, a kernel estimator, kernels allowed, the full-precision backward), or None."""
+    scale per row, a kernel estimator, kernels allowed, the full-precision backward or the FP8 one on the exact codes
+    of grids of at most 4 bits), or None."""
+    from quest_pl.kernels.gemm import FP8_MAX_BITS
     from quest_pl.kernels.int8 import int8_unsupported
 
-    if backward != "none":  # the INT8 path has its own backward; the quantized one is in the bf16 path's autograd
-        return f"the quantized backward (quant.backward={backward}) runs with the bf16 matmul"
+    fp8 = (backward, backward_format, backward_operands) == ("rtn", "fp8", "grad")
+    if backward != "none" and not fp8:  # the INT8 path's own backward is bf16 or FP8 (kernels.fp8)
+        return (
+            f"the quantized backward (quant.backward={backward}, backward_format={backward_format}, "
+            f"backward_operands={backward_operands}) runs with the bf16 matmul; the int8 path's is rtn, fp8, grad"
+        )
+    if fp8 and any(spec is not None and spec.bits > FP8_MAX_BITS for spec in specs.values()):
+        return f"the fp8 backward takes the saved codes exact in E4M3: grids of at most {FP8_MAX_BITS} bits"
 
     if specs["w"] is None or specs["a"] is None:
         return "it needs both operands quantized (a W·A configuration)"
@@ -411,7 +422,8 @@ class QuantLinear(nn.Linear):
 
         act, weight_args = self.kernel_args["act"], self.kernel_args["weight"]
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            y = int8.quest_int8_linear(x, self.weight, act, weight_args)
+            backward = "bf16" if self.backward == "none" else "fp8"  # _int8_config_error admits rtn / fp8 only
+            y = int8.quest_int8_linear(x, self.weight, act, weight_args, backward=backward)
         else:  # inference: the weight's codes once per weight version
             w = self.weight
             key = (w.data_ptr(), w._version, w.device, w.dtype)
@@ -531,7 +543,8 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
 def _resolve_matmul(cfg: QuantConfig, kernel_args: dict) -> str:
     """quant.matmul for one layer: int8 where both operands are kernel-served on a centered integer grid (and, for
     auto, CUDA has INT8 tensor cores), else bf16."""
-    if cfg.matmul == "bf16" or _int8_config_error({"w": cfg.weight, "a": cfg.act}, cfg.kernel, cfg.backward):
+    backward = {key: getattr(cfg, key) for key in BACKWARD_KEYS}
+    if cfg.matmul == "bf16" or _int8_config_error({"w": cfg.weight, "a": cfg.act}, cfg.kernel, **backward):
         return "bf16"
     if kernel_args["weight"] is None or kernel_args["act"] is None:
         return "bf16"

@@ -304,6 +304,13 @@ def quest_int8_linear(
     return _Int8Linear.apply(x, weight, *args)
 
 
+def inference_codes(x: torch.Tensor, weight: torch.Tensor, act: dict, weight_args: dict) -> str:
+    """The code format ("int8" or "fp8") of the fastest GEMM for this input and weight shape, for weight codes
+    computed once for inference (``quest_int8_linear_frozen``)."""
+    bits = max(int(act.get("bits", 4)), int(weight_args.get("bits", 4)))
+    return gemm.CODE_FORMAT[_backend(x, weight.shape[0], bits, _output_dtype(x), None)]
+
+
 def quest_int8_linear_frozen(
     x: torch.Tensor,
     weight_codes: torch.Tensor,

@@ -18,12 +18,13 @@ from collections.abc import Callable
 import torch
 
 MAX_ENTRIES = 4096
+enabled = True  # False: always recompute (benchmarks of one micro-batch per optimizer step)
 _ENTRIES: OrderedDict[tuple, tuple] = OrderedDict()
 stats = {"hits": 0, "misses": 0}
 
 
 def _cacheable(weight: torch.Tensor) -> bool:
-    if not weight.requires_grad or type(weight) not in (torch.Tensor, torch.nn.Parameter):
+    if not enabled or not weight.requires_grad or type(weight) not in (torch.Tensor, torch.nn.Parameter):
         return False
     if torch.compiler.is_compiling():
         return False

@@ -38,6 +38,14 @@ def time_shape(m: int, k: int, n: int) -> None:
     }
     chosen = gemm.choose_backend(m, n, k, 4, ca.device, torch.bfloat16)
     ops = 2 * m * n * k
+    # Is the fast FP8 accumulation exact on these integer sums? (fp32 output, unit tensor-wise scales: the raw sums)
+    one = torch.ones((), device="cuda")
+    exact = ca[:512].double() @ cb.double().t()
+    for fast in (False, True):
+        raw = torch._scaled_mm(fa[:512], fb.t(), one, one, out_dtype=torch.float32, use_fast_accum=fast)
+        err = (raw.double() - exact).abs().max().item()
+        print(f"# {m}x{k}x{n}: fp8 use_fast_accum={fast}: max |sum - exact integer sum| = {err:g} "
+              f"(max |sum| {exact.abs().max().item():g})")  # fmt: skip
     for graph in (False, True):
         t = {name: median_ms(fn, graph) for name, fn in fns.items()}
         cells = [f"{t['bf16'] * 1e3:.0f} µs ({ops / t['bf16'] / 1e9:.0f} TF)"]

@@ -104,7 +104,7 @@ def _scale_rows_cols_kernel(
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
     rows64 = rows.to(tl.int64)[:, None]
-    src = tl.load(src_ptr + rows64 * stride_sm + cols[None, :], mask=ok, other=0).to(tl.float32)
+    src = tl.load(src_ptr + rows64 * stride_sm + cols[None, :], mask=ok).to(tl.float32)  # masked lanes: not stored
     out = src * tl.load(row_ptr + rows, mask=rows < n_rows, other=0.0)[:, None]
     if HAS_COL:
         out = out * tl.load(col_ptr + cols, mask=cols < n_cols, other=0.0)[None, :]
@@ -113,8 +113,8 @@ def _scale_rows_cols_kernel(
 
 
 def scale_rows_cols(src: torch.Tensor, row: torch.Tensor, col: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """src (rows, cols) with a unit column stride (int8 codes or an int32 product), row (rows,) and col (cols,) fp32
-    -> src · row[:, None] (· col[None, :]) in dtype."""
+    """src (rows, cols) with a unit column stride (int8 or FP8 codes, or an int32 product), row (rows,) and col
+    (cols,) fp32 -> src · row[:, None] (· col[None, :]) in dtype."""
     n_rows, n_cols = src.shape
     out = torch.empty((n_rows, n_cols), dtype=dtype, device=src.device)
     if out.numel() == 0:

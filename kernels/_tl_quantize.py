@@ -37,7 +37,10 @@ _RMS_EPS = tl.constexpr(RMS_EPS)
 MAX_RESIDENT_BLOCKS = 32
 # (tile rows of 128 columns per program iteration, warps, programs per SM, pipeline stages) per kernel; `LAUNCH` is
 # read at each call, so a benchmark can sweep it.
-LAUNCH = {"resident": (64, 4, 4, 2), "two_pass": (64, 8, 2, 1)}
+# Resident: measured on H100 (2026-12-07, BENCHMARKS.md), 65536x2048 bf16 forward 1.86x the copy with one program
+# per tile, 1.37x persistent with 2 stages, 1.23x with 3. Two-pass: not re-measured. fp32 inputs (three products per
+# block) take one stage: deeper pipelines overflow shared memory.
+LAUNCH = {"resident": (64, 4, 4, 3), "two_pass": (64, 8, 2, 1)}
 
 
 @triton.jit
@@ -102,8 +105,11 @@ def _store_outputs(values_ptr, mask_ptr, offsets, ok, mask_offsets, mask_ok, val
                    R: tl.constexpr, CODES: tl.constexpr, ROUND_BF16: tl.constexpr):  # fmt: skip
     if CODES == 1:
         tl.store(values_ptr + offsets, odd.to(tl.int8), mask=ok)
-    elif CODES == 2:
-        tl.store(values_ptr + offsets, e4m3_bits(odd), mask=ok)
+    elif CODES == 2:  # FP8 E4M3: the hardware conversion, or the same bytes by integer arithmetic (interpreter)
+        if values_ptr.dtype.element_ty == tl.uint8:
+            tl.store(values_ptr + offsets, e4m3_bits(odd), mask=ok)
+        else:
+            tl.store(values_ptr + offsets, odd.to(values_ptr.dtype.element_ty), mask=ok)
     else:
         tl.store(values_ptr + offsets, _to_output(values, values_ptr.dtype.element_ty, ROUND_BF16), mask=ok)
     tl.store(mask_ptr + mask_offsets, pack_bits(keep, R), mask=mask_ok)
@@ -232,7 +238,8 @@ def quantize_forward(
                          f"{n_levels} levels")  # fmt: skip
     if group_size is not None and (group_size not in GROUP_SIZES or n_cols % group_size or codes):
         raise ValueError(f"group_size={group_size!r}: expected one of {GROUP_SIZES} dividing {n_cols}, without codes")
-    code_dtype = {None: x2d.dtype, "int8": torch.int8, "fp8": torch.uint8}[codes]
+    fp8_dtype = torch.uint8 if interpreting() else torch.float8_e4m3fn  # the interpreter has no fp8 casts
+    code_dtype = {None: x2d.dtype, "int8": torch.int8, "fp8": fp8_dtype}[codes]
     if out is None:
         values = torch.empty((n_rows, n_cols), dtype=code_dtype, device=x2d.device)
         mask = torch.empty((n_rows, (n_cols + 7) // 8), dtype=torch.uint8, device=x2d.device)
@@ -249,6 +256,7 @@ def quantize_forward(
     if resident is None:
         resident = n_blocks <= MAX_RESIDENT_BLOCKS and n_blocks == triton.next_power_of_2(n_blocks)
     tile_rows, warps, per_sm, stages = launch or LAUNCH["resident" if resident else "two_pass"]
+    stages = 1 if x2d.dtype == torch.float32 else stages
     meta = dict(
         GRID=GRID_CODES[grid],
         N_LEVELS=n_levels,
@@ -273,5 +281,5 @@ def quantize_forward(
         block_m = max(16, min(256, triton.next_power_of_2(n_rows))) if interpreting() and not launch else tile_rows
         kernel, meta = _quantize_fwd_two_pass_kernel, dict(meta, BLOCK_M=block_m)
     programs = programs or num_programs(triton.cdiv(n_rows, block_m), x2d.device, per_sm)
-    kernel[(programs,)](*args, **meta, num_warps=warps)
+    kernel[(programs,)](*args, **meta, num_warps=warps, num_stages=stages)
     return result

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue #26's measurements: GPU tests, then the benchmarks of BENCHMARKS.md, each under its own time limit, logs under
 # $OUT (or ./bench_out). Split over two device calls of under 10 minutes:
-#   ONLY="tests quantizer gemm train_30m linear"   (~9.5 min with QSHAPES=65536x2048 QSWEEP= GSHAPES=16384x2048x5632)
+#   ONLY="tests quantizer gemm linear train_30m"   (~9.5 min with QSHAPES=65536x2048 QSWEEP= GSHAPES=16384x2048x5632)
 #   ONLY="train_200m prefill"                      (~5.5 min)
 # Run from the repository root; Hydra's wheels (hydra-core, omegaconf, antlr4-python3-runtime) in ./.whl when the image
 # lacks them, and the token cache in ./.tokcache when the image lacks `datasets` (build it where datasets is installed:
@@ -29,15 +29,15 @@ step() {  # step NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.log
   echo "== $name: rc ${PIPESTATUS[0]}, $(( $(date +%s) - start ))s elapsed"
 }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
-TAIL=25 step tests 130 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/test_fp8.py tests/test_int8.py \
+TAIL=25 step tests 110 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/test_fp8.py tests/test_int8.py \
   tests/test_kernels.py
 TAIL=45 step quantizer 100 python3 bench/bench_quantizer.py --no-torch --shapes ${QSHAPES:-16384x2048 65536x2048} \
   ${QSWEEP---sweep}
 step gemm 80 python3 bench/bench_gemm.py ${GSHAPES:+--shapes $GSHAPES}
+TAIL=120 step linear 130 python3 bench/bench_linear.py --profile
 ARMS=(bf16 "quest_w4a4 int8" "quest_w4a4 int8 fp8-bwd")
-TAIL=30 step train_30m 280 python3 bench/bench_train.py --preset llama_30m --steps 60 --seeds 0 1 --arms "${ARMS[@]}" \
+TAIL=30 step train_30m 280 python3 bench/bench_train.py --preset llama_30m --steps 40 --seeds 0 1 --arms "${ARMS[@]}" \
   --json "$OUT/train_30m.json"
-TAIL=120 step linear 150 python3 bench/bench_linear.py --profile
 TAIL=14 step train_200m 230 python3 bench/bench_train.py --preset llama_200m --steps 40 --arms "${ARMS[@]}" \
   --json "$OUT/train_200m.json"
 step prefill 100 python3 bench/bench_prefill.py

@@ -29,7 +29,7 @@ step() {  # step NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.log
   echo "== $name: rc ${PIPESTATUS[0]}, $(( $(date +%s) - start ))s elapsed"
 }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
-TAIL=25 step tests 110 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/test_fp8.py tests/test_int8.py \
+TAIL=25 step tests 80 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/test_fp8.py tests/test_int8.py \
   tests/test_kernels.py
 TAIL=45 step quantizer 100 python3 bench/bench_quantizer.py --no-torch --shapes ${QSHAPES:-16384x2048 65536x2048} \
   ${QSWEEP---sweep}

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Issue #15's measurements: GPU tests, then the benchmarks of BENCHMARKS.md §a-d, each under its own time limit, logs
-# under $OUT (or ./bench_out). All steps take about 11 minutes on an H200, so split them over two device calls:
-# ONLY="tests quantizer linear prefill" (~6 min) and ONLY="train_200m train_30m" (~5.5 min). Run from the repository root;
-# Hydra's wheels (hydra-core, omegaconf, antlr4-python3-runtime) in ./.whl when the image lacks them, and the token
-# cache in ./.tokcache when the image lacks `datasets` (build it where datasets is installed:
-# QUEST_CACHE=$PWD/.tokcache, then the datamodule's prepare_data()). ONLY="train_200m ..." runs a subset of the steps.
+# Issue #26's measurements: GPU tests, then the benchmarks of BENCHMARKS.md, each under its own time limit, logs under
+# $OUT (or ./bench_out). Split over two device calls of under 10 minutes:
+#   ONLY="tests quantizer gemm linear train_30m"   (~9.5 min with QSHAPES=65536x2048 QSWEEP= GSHAPES=16384x2048x5632)
+#   ONLY="train_200m prefill"                      (~5.5 min)
+# Run from the repository root; Hydra's wheels (hydra-core, omegaconf, antlr4-python3-runtime) in ./.whl when the image
+# lacks them, and the token cache in ./.tokcache when the image lacks `datasets` (build it where datasets is installed:
+# QUEST_CACHE=$PWD/.tokcache, then the datamodule's prepare_data() for each preset). BUDGET_S caps the whole script.
 set -u
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
@@ -28,10 +29,15 @@ step() {  # step NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.log
   echo "== $name: rc ${PIPESTATUS[0]}, $(( $(date +%s) - start ))s elapsed"
 }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
-TAIL=30 step tests 150 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_int8.py \
-  tests/test_kernels.py::test_cuda_forward_backward_match_reference tests/test_kernels.py::test_torch_compile_fullgraph
-step quantizer 60 python3 bench/bench_quantizer.py --no-torch --shapes 16384x2048 65536x2048
-TAIL=60 step linear 100 python3 bench/bench_linear.py --profile
-step prefill 120 python3 bench/bench_prefill.py
-TAIL=14 step train_200m 260 python3 bench/bench_train.py --preset llama_200m --steps 40 --json "$OUT/train_200m.json"
-TAIL=14 step train_30m 200 python3 bench/bench_train.py --preset llama_30m --steps 40 --json "$OUT/train_30m.json"
+TAIL=25 step tests 80 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/test_fp8.py tests/test_int8.py \
+  tests/test_kernels.py
+TAIL=45 step quantizer 100 python3 bench/bench_quantizer.py --no-torch --shapes ${QSHAPES:-16384x2048 65536x2048} \
+  ${QSWEEP---sweep}
+step gemm 80 python3 bench/bench_gemm.py ${GSHAPES:+--shapes $GSHAPES}
+TAIL=120 step linear 130 python3 bench/bench_linear.py --profile
+ARMS=(bf16 "quest_w4a4 int8" "quest_w4a4 int8 fp8-bwd")
+TAIL=30 step train_30m 280 python3 bench/bench_train.py --preset llama_30m --steps 40 --seeds 0 1 --arms "${ARMS[@]}" \
+  --json "$OUT/train_30m.json"
+TAIL=14 step train_200m 230 python3 bench/bench_train.py --preset llama_200m --steps 40 --arms "${ARMS[@]}" \
+  --json "$OUT/train_200m.json"
+step prefill 100 python3 bench/bench_prefill.py

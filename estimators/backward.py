@@ -9,12 +9,18 @@ Formats (`quant.backward_format`), each element e = code * d with one scale d pe
 * `nvfp4` (default): E2M1 codes, groups of 16, d = an E4M3 scale times an fp32 scale per matrix (`quantizers.nvfp4`).
 * `mxfp4`: E2M1 codes, groups of 32, d an E8M0 power of two (`quantizers.mx`).
 * `int8`: integer codes -127..127 (255 levels, symmetric), groups of 32, d = max|x| / 127 in fp32.
+* `fp8`: FP8 E4M3 codes (±448), one fp32 scale per row along the contraction dimension, d = max|x| / 448, as float8
+  training with row-wise scales; round to nearest only (`rtn`, `rtn_rht`). With the low-precision forward
+  (`quant.matmul=int8`, grids of at most 4 bits, `operands="grad"`) both GEMMs run on FP8 tensor cores
+  (`kernels.fp8`: the saved operands enter as their exact codes, their per-row steps folded into the gradient before
+  it is rounded); on the bf16 path this module emulates them.
 Modes (`quant.backward`):
 * `none`: the full-precision backward (plain `F.linear`).
 * `sr`: stochastic rounding of the gradient, unbiased: the scale is chosen so that no element exceeds the largest code
   (NVFP4: E4M3 rounded up; MXFP4: the power of two at or above max|x| / 6; INT8: max|x| / 127 exactly), then each
   element rounds up with probability (y - lo) / (hi - lo) between its neighbouring codes: E[Q(G)] = G, with variance
   (hi - y)(y - lo) d^2 per element.
+* `rtn`: round to nearest with the format's absmax scale, no rotation (biased; the cheapest, what FP8 training does).
 * `rtn_rht`: a random Hadamard transform (fresh random signs D each call, block 128 along the contraction dimension),
   round-to-nearest with the format's absmax scale (NVFP4: E4M3 nearest; MXFP4: the OCP rule 2^(floor(log2 max|x|)
   - 2), which may saturate; INT8: max|x| / 127), then the inverse rotation: Q(G) = RTN(G D H) H D. Lower error than
@@ -50,10 +56,11 @@ from quest_pl.quantizers.e2m1 import (
 from quest_pl.quantizers.mx import E2M1_EMAX, MX_BLOCK
 from quest_pl.quantizers.nvfp4 import NV_BLOCK, tensor_scale
 
-BACKWARD_MODES = ("none", "sr", "rtn_rht")
-BACKWARD_FORMATS = ("nvfp4", "mxfp4", "int8")
+BACKWARD_MODES = ("none", "sr", "rtn", "rtn_rht")
+BACKWARD_FORMATS = ("nvfp4", "mxfp4", "int8", "fp8")
+SR_FORMATS = ("nvfp4", "mxfp4", "int8")  # the formats with stochastic rounding
 BACKWARD_OPERANDS = ("grad", "all")
-FORMAT_GROUP = {"nvfp4": NV_BLOCK, "mxfp4": MX_BLOCK, "int8": 32}
+FORMAT_GROUP = {"nvfp4": NV_BLOCK, "mxfp4": MX_BLOCK, "int8": 32, "fp8": 1}  # fp8: one scale per whole row
 INT8_MAX = 127.0
 RHT_BLOCK = 128
 
@@ -68,6 +75,9 @@ def _check(mode: str, fmt: str, operands: str = "grad") -> None:
                                  ("operands", operands, BACKWARD_OPERANDS)):  # fmt: skip
         if value not in allowed:
             raise ValueError(f"backward {what} {value!r}: expected one of {', '.join(allowed)}")
+    if mode == "sr" and fmt not in SR_FORMATS:
+        formats = ", ".join(SR_FORMATS)
+        raise ValueError(f"backward format {fmt!r} rounds to nearest: use mode rtn or rtn_rht, or format {formats}")
 
 
 def _groups_and_tensor_scale(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -80,10 +90,20 @@ def _groups_and_tensor_scale(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def quantize_groups(x: Tensor, fmt: str, stochastic: bool) -> tuple[Tensor, Tensor]:
     """(codes, d) of fp32 matrices x (..., rows, cols) quantized along cols (a multiple of the format's group):
-    codes (..., rows, cols / g, g) on the element grid (E2M1 values, or integers -127..127), d (..., rows, cols / g, 1)
+    codes (..., rows, cols / g, g) on the element grid (E2M1 values, integers -127..127, E4M3 values with one group of
+    g = cols per row for fp8), d (..., rows, cols / g, 1)
     the group scales (0 for an all-zero group, or one whose scale underflowed: its codes are 0); Q(x) = codes * d.
     `stochastic`: the unbiased rounding with non-saturating scales; else round to nearest with the format's absmax
     scale (module docstring)."""
+    if fmt == "fp8":
+        if stochastic:
+            raise ValueError("the fp8 backward format rounds to nearest only")
+        groups = x.unsqueeze(-2)
+        amax = groups.abs().amax(-1, keepdim=True)
+        d = amax / E4M3_MAX
+        safe = torch.where(d > 0, d, torch.ones_like(d))
+        codes = (groups / safe).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float()
+        return codes, d
     if fmt == "nvfp4":
         groups, amax, g = _groups_and_tensor_scale(x)
         d = (e4m3_up if stochastic else e4m3_nearest)(amax / E2M1_MAX / g) * g
@@ -136,15 +156,15 @@ def quantize_gradient(g: Tensor, mode: str, fmt: str = "nvfp4") -> Tensor:
     if mode == "none":
         return g.float()
     cols = g.shape[-1]
-    if mode == "sr":
-        return _quantize(_pad_last(g.float(), FORMAT_GROUP[fmt]), fmt, True)[..., :cols]
+    if mode in ("sr", "rtn"):
+        return _quantize(_pad_last(g.float(), FORMAT_GROUP[fmt]), fmt, mode == "sr")[..., :cols]
     return rtn_rht(_pad_last(g.float(), RHT_BLOCK), fmt)[..., :cols]
 
 
 def quantize_operand(x: Tensor, fmt: str = "nvfp4") -> Tensor:
     """Round-to-nearest Q(x) along the last dim (the format's absmax rule; fp32 out, same shape): how a saved weight
     or activation enters a backward GEMM under `operands="all"` and `mode="sr"`."""
-    _check("sr", fmt)
+    _check("rtn", fmt)
     cols = x.shape[-1]
     return _quantize(_pad_last(x.float(), FORMAT_GROUP[fmt]), fmt, False)[..., :cols]
 
@@ -156,7 +176,7 @@ def backward_gemm(a: Tensor, b: Tensor, mode: str, fmt: str = "nvfp4", operands:
     _check(mode, fmt, operands)
     if operands == "grad" or mode == "none":
         return quantize_gradient(a, mode, fmt) @ b.float().t()
-    if mode == "sr":
+    if mode in ("sr", "rtn"):
         return quantize_gradient(a, mode, fmt) @ quantize_operand(b, fmt).t()
     a, b = _pad_last(a.float(), RHT_BLOCK), _pad_last(b.float(), RHT_BLOCK)  # zero columns add nothing to the product
     signs = _random_signs(a)

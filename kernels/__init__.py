@@ -7,7 +7,8 @@ Public API:
   quest_quantize(x, ...) -> values          the same forward with the QuEST backward: grad_x = (grad ⊙ mask)·H
   is_supported(grid, bits, estimator, width, device, hadamard, group_size) -> (ok, reason)
   unpack_mask(packed, width) -> bool mask   the kernel stores masks bit-packed (column j in bit j % 8 of byte j // 8)
-The INT8 forward (int8 codes + per-row scales, INT8 GEMM, `int_matmul`) lives in `quest_pl.kernels.int8`.
+The low-precision forward (integer codes + per-row scales on INT8 or FP8 tensor cores) lives in
+`quest_pl.kernels.int8`; the Triton kernels in `_tl_quantize`, `_tl_backward`, `_tl_gemm` (helpers: `_tl_common`).
 
 The kernels are registered as `torch.library` custom ops (`quest_kernels::quantize`, `quest_kernels::quantize_backward`)
 with fake and autograd implementations, so `torch.compile(fullgraph=True)` traces through them; eager calls skip the
@@ -19,56 +20,35 @@ is first imported; the tests' conftest does this). Importing this package import
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from quest_pl.quantizers import OPTIMAL_GAUSSIAN_SCALES, build
+from quest_pl.kernels._spec import (
+    DEFAULT_TRUST,
+    DTYPES,
+    ESTIMATORS,
+    GRIDS,
+    GROUP_SIZES,
+    HADAMARD_BLOCK,
+    config_error,
+    interpreting,
+    require_runnable,
+    resolve,
+    width_error,
+)
+from quest_pl.quantizers import OPTIMAL_GAUSSIAN_SCALES
 
-__all__ = ["GROUP_SIZES", "fused_quantize", "is_supported", "quest_quantize", "unpack_mask"]
-
-GRIDS = ("gaussian_mse", "fp4")
-ESTIMATORS = ("trust", "clip")
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-HADAMARD_BLOCK = 128
-GROUP_SIZES = (16, 32, 64, 128)
-"""Group sizes of the fused forward (`group_size`): each group lies inside one 128-column block, so its σ comes from
-the block's rotated values in registers. Larger groups, other Hadamard blocks and the block formats' rounded scales
-(mxfp4, nvfp4) use the PyTorch path."""
-# Default τ per (grid, bits), the reference grids' own (half a step on gaussian_mse, α_b/(n-1); half the outermost gap
-# on fp4, a). A table built at import (about 2 ms), so that compiled code never builds a grid.
-DEFAULT_TRUST = {("gaussian_mse", b): build("gaussian_mse", bits=b).default_trust for b in OPTIMAL_GAUSSIAN_SCALES}
-DEFAULT_TRUST["fp4", 4] = build("fp4", bits=4).default_trust
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _config_error(grid: str, bits: int, estimator: str) -> str | None:
-    if grid not in GRIDS:
-        return f"grid {grid!r} has no kernel (supported: {', '.join(GRIDS)})"
-    if grid == "gaussian_mse" and bits not in OPTIMAL_GAUSSIAN_SCALES:
-        return f"gaussian_mse kernel supports bits 1..8, got {bits!r}"
-    if grid == "fp4" and bits != 4:
-        return f"fp4 grid has 4 bits, got bits={bits!r}"
-    if estimator not in ESTIMATORS:
-        return f"estimator {estimator!r} has no kernel (supported: {', '.join(ESTIMATORS)})"
-    return None
-
-
-def _width_error(width: int, hadamard: bool, group_size: int | None = None) -> str | None:
-    if width < 1:
-        return f"quantized dimension must be non-empty, got width {width}"
-    if hadamard and width % HADAMARD_BLOCK:
-        return f"block-{HADAMARD_BLOCK} Hadamard needs the last dimension to be a multiple of 128, got {width}"
-    if group_size is not None:
-        if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
-            sizes = ", ".join(map(str, GROUP_SIZES))
-            return f"the fused kernel's group sizes are {sizes} (or per row), got group_size={group_size!r}"
-        if width % group_size:
-            return f"group_size={group_size} does not divide the last dimension {width}"
-    return None
+__all__ = [
+    "DEFAULT_TRUST",
+    "DTYPES",
+    "ESTIMATORS",
+    "GRIDS",
+    "GROUP_SIZES",
+    "HADAMARD_BLOCK",
+    "fused_quantize",
+    "is_supported",
+    "quest_quantize",
+    "unpack_mask",
+]
 
 
 def is_supported(
@@ -81,11 +61,11 @@ def is_supported(
     group_size: int | None = None,
 ) -> tuple[bool, str]:
     """Whether `fused_quantize` can run this configuration on `device`: (True, "ok"), or False and a one-line reason."""
-    reason = _config_error(grid, bits, estimator) or _width_error(width, hadamard, group_size)
+    reason = config_error(grid, bits, estimator) or width_error(width, hadamard, group_size)
     if reason:
         return False, reason
     device_type = torch.device(device).type
-    if device_type == "cpu" and not _interpreting():
+    if device_type == "cpu" and not interpreting():
         return False, "CPU tensors need Triton's interpreter (TRITON_INTERPRET=1 before Triton is imported)"
     if device_type not in ("cpu", "cuda"):
         return False, f"no kernel for device type {device_type!r}"
@@ -96,19 +76,6 @@ def is_supported(
     except ImportError:
         return False, "triton is not installed"
     return True, "ok"
-
-
-def _resolve(
-    x: torch.Tensor, bits: int, grid: str, hadamard: bool, estimator: str, trust, clip_scale, group_size=None
-) -> float:
-    """Validate the call at the boundary; return the trust threshold τ (in σ units)."""
-    width = x.shape[-1] if x.dim() else 0
-    reason = _config_error(grid, bits, estimator) or _width_error(width, hadamard, group_size)
-    if reason:
-        raise ValueError(reason)
-    if x.dtype not in DTYPES:
-        raise ValueError(f"kernel inputs must be float32, bfloat16 or float16, got {x.dtype}")
-    return float(DEFAULT_TRUST[grid, bits] if trust is None else trust)
 
 
 def _quantize_impl(
@@ -122,15 +89,11 @@ def _quantize_impl(
     group_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, packed mask (..., ceil(d/8)) uint8) for x (..., d); `group_size` None: one scale per row."""
-    if x.device.type == "cpu" and not _interpreting():
-        raise RuntimeError(
-            "kernels: CPU tensors run only under Triton's interpreter; set TRITON_INTERPRET=1 before Triton is "
-            "imported, or use the PyTorch reference quantizers"
-        )
-    from quest_pl.kernels import _triton
+    require_runnable(x)
+    from quest_pl.kernels._tl_quantize import quantize_forward
 
     width = x.shape[-1]
-    values, mask = _triton.quantize_forward(
+    values, mask = quantize_forward(
         x.reshape(-1, width),
         grid=grid,
         n_levels=2**bits,
@@ -146,10 +109,10 @@ def _quantize_impl(
 
 def _quantize_backward_impl(grad: torch.Tensor, mask: torch.Tensor, hadamard: bool) -> torch.Tensor:
     """(grad ⊙ unpack(mask))·H for grad (..., d): the QuEST gradient with respect to the quantizer's input."""
-    from quest_pl.kernels import _triton
+    from quest_pl.kernels._tl_backward import quantize_backward
 
     width = grad.shape[-1]
-    out = _triton.quantize_backward(grad.reshape(-1, width), mask.reshape(-1, mask.shape[-1]), hadamard)
+    out = quantize_backward(grad.reshape(-1, width), mask.reshape(-1, mask.shape[-1]), hadamard)
     return out.view(grad.shape)
 
 
@@ -229,7 +192,7 @@ def fused_quantize(
     as `quantizers.build(grid, bits, group_size=g)` (all-zero groups pass); None: per row.
     Returns values in x's dtype (rotated basis, not rotated back: the "Half" form of §1.8) and the bool mask.
     """
-    trust = _resolve(x, bits, grid, hadamard, estimator, trust, clip_scale, group_size)
+    trust = resolve(x, bits, grid, hadamard, estimator, trust, group_size)
     quantize = torch.ops.quest_kernels.quantize if torch.compiler.is_compiling() else _quantize_impl
     values, packed = quantize(x, grid, bits, hadamard, estimator, trust, float(clip_scale), group_size)
     return values, unpack_mask(packed, x.shape[-1])
@@ -247,7 +210,7 @@ def quest_quantize(
 ) -> torch.Tensor:
     """`fused_quantize`'s values, differentiable: grad_x = (grad ⊙ mask)·H (H symmetric), i.e. the gradient of the
     detach carrier x_h⊙m + sg(q − x_h⊙m) of §0/§1.8. Saves only the bit-packed mask for the backward."""
-    trust = _resolve(x, bits, grid, hadamard, estimator, trust, clip_scale, group_size)
+    trust = resolve(x, bits, grid, hadamard, estimator, trust, group_size)
     args = (x, grid, bits, hadamard, estimator, trust, float(clip_scale), group_size)
     if torch.compiler.is_compiling():
         return torch.ops.quest_kernels.quantize(*args)[0]

@@ -11,15 +11,19 @@ applied in fp32 in the epilogue, then one rounding to the output dtype. The bf16
 sum from the values rounded to bf16 (Δ/2 has 24 significant bits, its bf16 copy 8), so it is the less exact of the
 two: both agree up to the bf16 rounding of the operands' scales and of the result (tests/test_int8.py).
 
-The backward is the paper's estimator backward on the dequantized operands, as in the bf16 path: grad_{x_h} =
-grad_y · Q_w, grad_{W_h} = grad_y^T · Q_x in the gradient's dtype, then the masked transposed Hadamard kernel. Only the
-int8 codes (1 byte per element), the per-row scales and the bit-packed masks are saved for it.
+The GEMM runs on whichever exact tensor-core path is fastest for the shape (`kernels.gemm`: the Triton INT8 GEMM,
+torch._int_mm + a scale epilogue, or torch._scaled_mm on FP8 E4M3 codes for grids of at most 4 bits). The weight's
+codes are computed once per weight version (`kernels.weight_cache`: once per optimizer step under gradient
+accumulation). The backward is the paper's estimator backward on the dequantized operands, as in the bf16 path:
+grad_{x_h} = grad_y · Q_w, grad_{W_h} = grad_y^T · Q_x in the gradient's dtype, or with `backward="fp8"` both GEMMs on
+FP8 tensor cores (`kernels.fp8`), then the masked transposed Hadamard kernel. Only the codes (1 byte per element), the
+per-row scales and the bit-packed masks are saved for it.
 
 Public API:
-  int_matmul(a, b)              int8 (M, K) · int8 (N, K)^T -> int32 (M, N), exact (torch._int_mm on CUDA, padded to
-                                its shape constraints; an exact float64 product elsewhere)
+  int_matmul(a, b)              int8 (M, K) · int8 (N, K)^T -> int32 (M, N), exact (`kernels.gemm`)
   scaled_int_matmul(a, b, s_a, s_b, out_dtype)   the same with the scales in the epilogue (Triton INT8 GEMM)
-  quantize_codes(x, ...)        (int8 codes, bit-packed mask, fp32 Δ/2 per row): the fused quantizer's codes form
+  quantize_codes(x, ..., codes="int8")           (codes, bit-packed mask, fp32 Δ/2 per row): the fused quantizer's
+                                codes form, int8 or FP8 E4M3
   dequantize(codes, scales, dtype)               codes · Δ/2, the fake-quantized values
   quest_int8_linear(x, weight, act, weight_args) the differentiable W·A INT8 linear (custom op under torch.compile)
   int8_unsupported(grid, bits, estimator, group_size) -> reason or None
@@ -29,10 +33,13 @@ from __future__ import annotations
 
 import torch
 
-from quest_pl import kernels as _kernels
+from quest_pl.kernels import _spec, gemm, weight_cache
+from quest_pl.kernels.fp8 import fp8_backward_gemms
+from quest_pl.kernels.gemm import int_matmul
 from quest_pl.quantizers import OPTIMAL_GAUSSIAN_SCALES
 
 __all__ = [
+    "BACKWARD_FORMATS",
     "MAX_BITS",
     "dequantize",
     "int8_unsupported",
@@ -44,7 +51,7 @@ __all__ = [
 
 MAX_BITS = 7  # odd codes up to 2^7 - 1 = 127 fit int8
 MAX_EXACT_K = 2**31 // (127 * 127)  # int32 accumulation of 7-bit codes cannot overflow up to this K
-_INT_MM_MIN_ROWS = 17  # torch._int_mm on CUDA: rows > 16, K and N multiples of 8
+BACKWARD_FORMATS = ("bf16", "fp8")  # the backward GEMMs: in the gradient's dtype, or on FP8 tensor cores
 
 
 def int8_unsupported(grid: str, bits, estimator: str, group_size: int | None = None) -> str | None:
@@ -54,8 +61,8 @@ def int8_unsupported(grid: str, bits, estimator: str, group_size: int | None = N
         return f"the int8 matmul needs a centered integer grid (gaussian_mse), got {grid!r}"
     if bits not in OPTIMAL_GAUSSIAN_SCALES or bits > MAX_BITS:
         return f"the int8 matmul needs at most {MAX_BITS} bits (odd codes up to 127), got {bits!r}"
-    if estimator not in _kernels.ESTIMATORS:
-        return f"estimator {estimator!r} has no kernel (supported: {', '.join(_kernels.ESTIMATORS)})"
+    if estimator not in _spec.ESTIMATORS:
+        return f"estimator {estimator!r} has no kernel (supported: {', '.join(_spec.ESTIMATORS)})"
     if group_size is not None:
         return f"the int8 matmul needs one scale per row of each operand (its epilogue), got group_size={group_size!r}"
     return None
@@ -68,42 +75,6 @@ def cuda_int8_available(device: torch.device | str | None = None) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-def _check_int8_operands(a: torch.Tensor, b: torch.Tensor) -> None:
-    if a.dtype != torch.int8 or b.dtype != torch.int8:
-        raise ValueError(f"int_matmul needs int8 operands, got {a.dtype} and {b.dtype}")
-    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"int_matmul needs a (M, K) and b (N, K), got {tuple(a.shape)} and {tuple(b.shape)}")
-    if a.device != b.device:
-        raise ValueError(f"int_matmul operands on different devices: {a.device} and {b.device}")
-
-
-def _pad_to(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    if t.shape == (rows, cols):
-        return t
-    return torch.nn.functional.pad(t, (0, cols - t.shape[1], 0, rows - t.shape[0]))
-
-
-def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a (M, K) int8 · b (N, K)^T int8 -> (M, N) int32, exact (no overflow for K·max|a|·max|b| < 2^31).
-
-    CUDA: ``torch._int_mm`` (cuBLASLt INT8 tensor cores); its constraints (M > 16, K and N multiples of 8) are met by
-    zero padding, which leaves the sums unchanged. Elsewhere: the product in float64, exact for these sizes (each
-    partial sum is an integer below 2^53), converted to int32."""
-    _check_int8_operands(a, b)
-    m, k = a.shape
-    n = b.shape[0]
-    if m == 0 or n == 0 or k == 0:
-        return torch.zeros((m, n), dtype=torch.int32, device=a.device)
-    if a.is_cuda:
-        rows = max(m, _INT_MM_MIN_ROWS)
-        rows += -rows % 8
-        kp, np_ = k + (-k % 8), n + (-n % 8)
-        a_p = _pad_to(a.contiguous(), rows, kp)
-        b_p = _pad_to(b.contiguous(), np_, kp)
-        return torch._int_mm(a_p, b_p.t())[:m, :n]
-    return (a.double() @ b.double().t()).to(torch.int32)
-
-
 def scaled_int_matmul(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -111,17 +82,9 @@ def scaled_int_matmul(
     scale_b: torch.Tensor,
     out_dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
-    """(a · b^T) ⊙ (scale_a[:, None] · scale_b[None, :]) in ``out_dtype``: int32 accumulation, fp32 epilogue.
-
-    CUDA (or CPU under Triton's interpreter): one Triton INT8 GEMM with the scales in its epilogue. CPU otherwise:
-    ``int_matmul`` then the same fp32 epilogue."""
-    _check_int8_operands(a, b)
-    if a.is_cuda or (a.device.type == "cpu" and _kernels._interpreting()):
-        from quest_pl.kernels import _triton
-
-        return _triton.int8_matmul(a, b, scale_a.float().contiguous(), scale_b.float().contiguous(), out_dtype)
-    acc = int_matmul(a, b).float()
-    return (acc * scale_a.float()[:, None] * scale_b.float()[None, :]).to(out_dtype)
+    """(a · b^T) ⊙ (scale_a[:, None] · scale_b[None, :]) in ``out_dtype`` for int8 a (M, K), b (N, K): int32
+    accumulation, fp32 epilogue (the Triton INT8 GEMM on CUDA and under Triton's interpreter)."""
+    return gemm.scaled_matmul(a, b, scale_a, scale_b, out_dtype, "triton")
 
 
 def quantize_codes(
@@ -133,26 +96,29 @@ def quantize_codes(
     trust: float | None = None,
     clip_scale: float = 1.0,
     group_size: int | None = None,
+    codes: str = "int8",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The fused quantizer's codes form for x (..., K): (int8 codes 2k + 1 (..., K), bit-packed mask (..., ceil(K/8))
-    uint8, fp32 Δ/2 (...)), with ``dequantize(codes, scales)`` equal to ``kernels.fused_quantize``'s values in fp32.
-    Takes ``kernels.quest_quantize``'s keywords; ``group_size`` must be None (per-row scales: ``int8_unsupported``)."""
+    """The fused quantizer's codes form for x (..., K): (codes 2k + 1 (..., K) as int8, or as float8_e4m3fn with
+    ``codes="fp8"`` (at most 4 bits), bit-packed mask (..., ceil(K/8)) uint8, fp32 Δ/2 (...)), with
+    ``dequantize(codes, scales)`` equal to ``kernels.fused_quantize``'s values in fp32. Takes
+    ``kernels.quest_quantize``'s keywords; ``group_size`` must be None (per-row scales: ``int8_unsupported``)."""
     reason = int8_unsupported(grid, bits, estimator, group_size)
     if reason:
         raise ValueError(reason)
-    trust = _kernels._resolve(x, bits, grid, hadamard, estimator, trust, clip_scale)
-    return _codes_impl(x, bits, hadamard, estimator, trust, float(clip_scale))
+    if codes not in ("int8", "fp8"):
+        raise ValueError(f"codes={codes!r}: expected 'int8' or 'fp8'")
+    if codes == "fp8" and bits > gemm.FP8_MAX_BITS:
+        raise ValueError(f"fp8 codes hold grids of at most {gemm.FP8_MAX_BITS} bits (odd codes up to 15), got {bits}")
+    trust = _spec.resolve(x, bits, grid, hadamard, estimator, trust)
+    return _codes_impl(x, bits, hadamard, estimator, trust, float(clip_scale), codes)
 
 
-def _codes_impl(x, bits, hadamard, estimator, trust, clip_scale):
-    if x.device.type == "cpu" and not _kernels._interpreting():
-        raise RuntimeError(
-            "kernels: CPU tensors run only under Triton's interpreter; set TRITON_INTERPRET=1 before Triton is imported"
-        )
-    from quest_pl.kernels import _triton
+def _codes_impl(x, bits, hadamard, estimator, trust, clip_scale, codes="int8"):
+    _spec.require_runnable(x)
+    from quest_pl.kernels._tl_quantize import quantize_forward
 
     width = x.shape[-1]
-    codes, mask, scales = _triton.quantize_forward(
+    c, mask, scales = quantize_forward(
         x.reshape(-1, width),
         grid="gaussian_mse",
         n_levels=2**bits,
@@ -161,21 +127,21 @@ def _codes_impl(x, bits, hadamard, estimator, trust, clip_scale):
         estimator=estimator,
         trust=trust,
         clip_scale=clip_scale,
-        codes=True,
+        codes=codes,
     )
-    return codes.view(x.shape), mask.view(*x.shape[:-1], mask.shape[-1]), scales.view(x.shape[:-1])
+    return c.view(x.shape), mask.view(*x.shape[:-1], mask.shape[-1]), scales.view(x.shape[:-1])
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """codes · Δ/2 per row in fp32, rounded once to ``dtype``: the fake-quantized values of the bf16 path. One Triton
-    pass in eager mode on CUDA (three PyTorch passes otherwise; under torch.compile Inductor fuses them)."""
+    """codes (int8 or float8_e4m3fn) · Δ/2 per row in fp32, rounded once to ``dtype``: the fake-quantized values of
+    the bf16 path. One Triton pass in eager mode on CUDA (PyTorch passes otherwise; Inductor fuses them)."""
     # A plain tensor only: under torch.compile (also while AOT autograd traces a custom op's backward, where
     # is_compiling() can be False) the operands are fake or functional tensors that a Triton launch cannot read.
     eager = type(codes) is torch.Tensor and not torch.compiler.is_compiling()
     if eager and codes.is_cuda and codes.stride(-1) == 1 and codes.dim() == 2:
-        from quest_pl.kernels import _triton
+        from quest_pl.kernels._tl_gemm import scale_rows_cols
 
-        return _triton.dequantize(codes, scales.float().contiguous(), dtype)
+        return scale_rows_cols(codes, scales.float().contiguous(), None, dtype)
     return (codes.float() * scales.unsqueeze(-1)).to(dtype)
 
 
@@ -192,22 +158,29 @@ _T = torch.Tensor
 def _linear_forward(
     x: _T, weight: _T, a_bits: int, a_estimator: str, a_trust: float, a_clip: float,
     w_bits: int, w_estimator: str, w_trust: float, w_clip: float, hadamard: bool, out_dtype: torch.dtype,
+    backend: str, backward: str,
 ) -> tuple[_T, _T, _T, _T, _T, _T, _T]:  # fmt: skip
-    """(y, x codes, x mask, x scales, W codes, W mask, W scales)."""
-    ca, ma, sa = _codes_impl(x, a_bits, hadamard, a_estimator, a_trust, a_clip)
-    cw, mw, sw = _codes_impl(weight, w_bits, hadamard, w_estimator, w_trust, w_clip)
+    """(y, x codes, x mask, x scales, W codes, W mask, W scales); codes in `backend`'s format (`gemm.CODE_FORMAT`).
+    `backward` ("bf16" or "fp8") only selects the backward GEMMs."""
+    fmt = gemm.CODE_FORMAT[backend]
+    ca, ma, sa = _codes_impl(x, a_bits, hadamard, a_estimator, a_trust, a_clip, fmt)
+    w_args = (w_bits, hadamard, w_estimator, w_trust, w_clip, fmt)
+    cw, mw, sw = weight_cache.cached(weight, w_args, lambda: _codes_impl(weight, *w_args))
     k = x.shape[-1]
-    y = scaled_int_matmul(ca.reshape(-1, k), cw, sa.reshape(-1), sw, out_dtype)
+    y = gemm.scaled_matmul(ca.reshape(-1, k), cw, sa.reshape(-1), sw, out_dtype, backend)
     return y.view(*x.shape[:-1], weight.shape[0]), ca, ma, sa, cw, mw, sw
 
 
-def _linear_backward(grad_y, ca, ma, sa, cw, mw, sw, hadamard, x_dtype, w_dtype, backward_rotation):
-    """grad_x = ((grad_y · Q_w) ⊙ m_x) H, grad_W = ((grad_y^T · Q_x) ⊙ m_w) H, products in grad_y's dtype."""
+def _linear_backward(grad_y, ca, ma, sa, cw, mw, sw, hadamard, x_dtype, w_dtype, backward, backward_rotation):
+    """grad_x = ((grad_y · Q_w) ⊙ m_x) H, grad_W = ((grad_y^T · Q_x) ⊙ m_w) H, the products in grad_y's dtype, or on
+    FP8 tensor cores (`backward="fp8"`, `kernels.fp8`)."""
     k = cw.shape[1]
     g = grad_y.reshape(-1, cw.shape[0])
-    dtype = g.dtype
-    grad_xh = g @ dequantize(cw, sw, dtype)
-    grad_wh = g.t() @ dequantize(ca.reshape(-1, k), sa.reshape(-1), dtype)
+    if backward == "fp8":
+        grad_xh, grad_wh = fp8_backward_gemms(g, ca.reshape(-1, k), sa.reshape(-1), cw, sw)
+    else:
+        grad_xh = g @ dequantize(cw, sw, g.dtype)
+        grad_wh = g.t() @ dequantize(ca.reshape(-1, k), sa.reshape(-1), g.dtype)
     grad_x = backward_rotation(grad_xh, ma.reshape(-1, ma.shape[-1]), hadamard)
     grad_w = backward_rotation(grad_wh, mw, hadamard)
     return grad_x.reshape(ca.shape).to(x_dtype), grad_w.to(w_dtype)
@@ -218,33 +191,39 @@ _linear_op = torch.library.custom_op("quest_kernels::int8_linear", _linear_forwa
 
 @_linear_op.register_fake
 def _linear_fake(x, weight, a_bits, a_estimator, a_trust, a_clip, w_bits, w_estimator, w_trust, w_clip, hadamard,
-                 out_dtype):  # fmt: skip
+                 out_dtype, backend, backward):  # fmt: skip
     k = x.shape[-1]
     n = weight.shape[0]
     byte_cols = (k + 7) // 8
+    code_dtype = torch.int8 if gemm.CODE_FORMAT[backend] == "int8" else torch.float8_e4m3fn
     return (
         x.new_empty((*x.shape[:-1], n), dtype=out_dtype),
-        x.new_empty(x.shape, dtype=torch.int8),
+        x.new_empty(x.shape, dtype=code_dtype),
         x.new_empty((*x.shape[:-1], byte_cols), dtype=torch.uint8),
         x.new_empty(x.shape[:-1], dtype=torch.float32),
-        weight.new_empty(weight.shape, dtype=torch.int8),
+        weight.new_empty(weight.shape, dtype=code_dtype),
         weight.new_empty((n, byte_cols), dtype=torch.uint8),
         weight.new_empty((n,), dtype=torch.float32),
     )
+
+
+_N_ARGS = 14  # inputs of _linear_forward
 
 
 def _op_setup_context(ctx, inputs, output):
     x, weight = inputs[0], inputs[1]
     ctx.hadamard = inputs[10]
     ctx.dtypes = (x.dtype, weight.dtype)
+    ctx.backward_format = inputs[13]
     ctx.save_for_backward(*output[1:])
 
 
 def _op_backward(ctx, grad_y, *unused):
     grad_x, grad_w = _linear_backward(
-        grad_y, *ctx.saved_tensors, ctx.hadamard, *ctx.dtypes, torch.ops.quest_kernels.quantize_backward
-    )
-    return (grad_x, grad_w) + (None,) * 10
+        grad_y, *ctx.saved_tensors, ctx.hadamard, *ctx.dtypes, ctx.backward_format,
+        torch.ops.quest_kernels.quantize_backward,
+    )  # fmt: skip
+    return (grad_x, grad_w) + (None,) * (_N_ARGS - 2)
 
 
 _linear_op.register_autograd(_op_backward, setup_context=_op_setup_context)
@@ -256,17 +235,19 @@ class _Int8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, *args):
         y, *saved = _linear_forward(x, weight, *args)
-        ctx.hadamard = args[8]
+        ctx.hadamard, ctx.backward_format = args[8], args[11]
         ctx.dtypes = (x.dtype, weight.dtype)
         ctx.save_for_backward(*saved)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
+        from quest_pl.kernels import _quantize_backward_impl
+
         grad_x, grad_w = _linear_backward(
-            grad_y, *ctx.saved_tensors, ctx.hadamard, *ctx.dtypes, _kernels._quantize_backward_impl
+            grad_y, *ctx.saved_tensors, ctx.hadamard, *ctx.dtypes, ctx.backward_format, _quantize_backward_impl
         )
-        return (grad_x, grad_w) + (None,) * 10
+        return (grad_x, grad_w) + (None,) * (_N_ARGS - 2)
 
 
 def _operand_args(args: dict, x: torch.Tensor) -> tuple:
@@ -275,20 +256,32 @@ def _operand_args(args: dict, x: torch.Tensor) -> tuple:
     reason = int8_unsupported(grid, bits, estimator, args.get("group_size"))
     if reason:
         raise ValueError(reason)
-    hadamard = args.get("hadamard", True)
-    trust = _kernels._resolve(x, bits, grid, hadamard, estimator, args.get("trust"), args.get("clip_scale", 1.0))
+    trust = _spec.resolve(x, bits, grid, args.get("hadamard", True), estimator, args.get("trust"))
     return int(bits), estimator, trust, float(args.get("clip_scale", 1.0))
 
 
+def _backend(x, n: int, bits: int, out_dtype: torch.dtype, backend: str | None) -> str:
+    k = x.shape[-1]
+    return gemm.choose_backend(x.numel() // max(k, 1), n, k, bits, x.device, out_dtype, backend)
+
+
 def quest_int8_linear(
-    x: torch.Tensor, weight: torch.Tensor, act: dict, weight_args: dict, out_dtype: torch.dtype | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    act: dict,
+    weight_args: dict,
+    out_dtype: torch.dtype | None = None,
+    backward: str = "bf16",
+    backend: str | None = None,
 ) -> torch.Tensor:
-    """y = Q(x H) Q(W H)^T through the INT8 GEMM, differentiable with the QuEST backward of both operands.
+    """y = Q(x H) Q(W H)^T through the low-precision GEMM, differentiable with the QuEST backward of both operands.
 
     ``act`` / ``weight_args``: ``kernels.quest_quantize`` keyword dicts (bits, grid, hadamard, estimator, trust,
     clip_scale; group_size None) of a centered integer grid (``int8_unsupported``); both must agree on ``hadamard``.
     x (..., K) and weight (N, K) in any float dtype (an fp32 master weight is read once, no bf16 copy); the output is in
-    ``out_dtype`` (default: autocast's dtype inside autocast, else x's)."""
+    ``out_dtype`` (default: autocast's dtype inside autocast, else x's). ``backward``: "bf16" (the GEMMs in the
+    gradient's dtype) or "fp8" (``kernels.fp8``; both grids of at most 4 bits). ``backend``: pin the forward GEMM
+    (``kernels.gemm.BACKENDS``); default: the fastest for the shape."""
     hadamard = bool(act.get("hadamard", True))
     if bool(weight_args.get("hadamard", True)) != hadamard:
         raise ValueError("quest_int8_linear: both operands must be rotated, or neither")
@@ -296,10 +289,26 @@ def quest_int8_linear(
         raise ValueError(f"quest_int8_linear: x (..., {weight.shape[-1]}) and weight (N, K), got {tuple(x.shape)}")
     if x.shape[-1] > MAX_EXACT_K:
         raise ValueError(f"quest_int8_linear: K = {x.shape[-1]} could overflow int32 accumulation (max {MAX_EXACT_K})")
-    args = (*_operand_args(act, x), *_operand_args(weight_args, weight), hadamard, out_dtype or _output_dtype(x))
+    if backward not in BACKWARD_FORMATS:
+        raise ValueError(f"quest_int8_linear: backward={backward!r}, expected one of {', '.join(BACKWARD_FORMATS)}")
+    a_args, w_args = _operand_args(act, x), _operand_args(weight_args, weight)
+    bits = max(a_args[0], w_args[0])
+    if backward == "fp8" and bits > gemm.FP8_MAX_BITS:
+        raise ValueError(f"quest_int8_linear: the fp8 backward needs grids of at most {gemm.FP8_MAX_BITS} bits (codes "
+                         f"exact in E4M3), got {bits}")  # fmt: skip
+    out_dtype = out_dtype or _output_dtype(x)
+    backend = _backend(x, weight.shape[0], bits, out_dtype, backend)
+    args = (*a_args, *w_args, hadamard, out_dtype, backend, backward)
     if torch.compiler.is_compiling():
         return torch.ops.quest_kernels.int8_linear(x, weight, *args)[0]
     return _Int8Linear.apply(x, weight, *args)
+
+
+def inference_codes(x: torch.Tensor, weight: torch.Tensor, act: dict, weight_args: dict) -> str:
+    """The code format ("int8" or "fp8") of the fastest GEMM for this input and weight shape, for weight codes
+    computed once for inference (``quest_int8_linear_frozen``)."""
+    bits = max(int(act.get("bits", 4)), int(weight_args.get("bits", 4)))
+    return gemm.CODE_FORMAT[_backend(x, weight.shape[0], bits, _output_dtype(x), None)]
 
 
 def quest_int8_linear_frozen(
@@ -309,10 +318,13 @@ def quest_int8_linear_frozen(
     act: dict,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Inference: y = Q(x H) · (codes_w · s_w)^T with the weight's codes computed once (``quantize_codes``), no
-    gradient. Only the activation is quantized per call."""
+    """Inference: y = Q(x H) · (codes_w · s_w)^T with the weight's codes computed once (``quantize_codes``; int8 or
+    fp8, which fixes the GEMM path), no gradient. Only the activation is quantized per call."""
     bits, estimator, trust, clip = _operand_args(act, x)
     k = x.shape[-1]
-    ca, _, sa = _codes_impl(x, bits, bool(act.get("hadamard", True)), estimator, trust, clip)
-    y = scaled_int_matmul(ca.reshape(-1, k), weight_codes, sa.reshape(-1), weight_scales, out_dtype or _output_dtype(x))
+    out_dtype = out_dtype or _output_dtype(x)
+    fmt = "fp8" if weight_codes.dtype == torch.float8_e4m3fn else "int8"
+    backend = "fp8" if fmt == "fp8" else _backend(x, weight_codes.shape[0], MAX_BITS, out_dtype, None)
+    ca, _, sa = _codes_impl(x, bits, bool(act.get("hadamard", True)), estimator, trust, clip, fmt)
+    y = gemm.scaled_matmul(ca.reshape(-1, k), weight_codes, sa.reshape(-1), weight_scales, out_dtype, backend)
     return y.view(*x.shape[:-1], weight_codes.shape[0])

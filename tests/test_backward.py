@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from quest_pl.estimators.backward import (
     BACKWARD_FORMATS,
+    SR_FORMATS,
     QuantizedBackwardLinear,
     backward_gemm,
     quantize_gradient,
@@ -82,7 +83,7 @@ def sr_variance(g: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     return var.flatten(-2), ((mag - lo) / (hi - lo)).flatten(-2)
 
 
-@pytest.mark.parametrize("fmt", BACKWARD_FORMATS)
+@pytest.mark.parametrize("fmt", SR_FORMATS)
 def test_sr_is_unbiased_with_its_theoretical_variance(gradient, fmt):
     qs = draws(gradient, "sr", fmt)
     var, p = sr_variance(gradient, fmt)
@@ -99,7 +100,7 @@ def test_sr_is_unbiased_with_its_theoretical_variance(gradient, fmt):
     assert qs[:, 5].eq(0).all() and torch.isfinite(qs).all()
 
 
-@pytest.mark.parametrize("fmt", BACKWARD_FORMATS)
+@pytest.mark.parametrize("fmt", SR_FORMATS)
 def test_rtn_rht_has_lower_error_than_sr_and_a_small_bias(gradient, fmt):
     mse_sr = bias2_and_mse(draws(gradient, "sr", fmt), gradient)[1]
     bias2, mse = bias2_and_mse(draws(gradient, "rtn_rht", fmt), gradient)
@@ -130,7 +131,7 @@ def test_sr_default_is_nvfp4_bit_for_bit(gradient):
     assert torch.equal(quantize_gradient(gradient[:, :250], "sr"), expected.flatten(-2)[:, :250])
 
 
-@pytest.mark.parametrize("fmt", BACKWARD_FORMATS)
+@pytest.mark.parametrize("fmt", SR_FORMATS)
 @pytest.mark.parametrize("stochastic", [True, False])
 def test_codes_and_scales_are_the_formats(gradient, fmt, stochastic):
     torch.manual_seed(2)
@@ -177,14 +178,16 @@ def test_unpadded_shapes_and_bad_names():
     torch.manual_seed(2)
     g = torch.randn(37, 41)
     for fmt in BACKWARD_FORMATS:
-        for mode in ("sr", "rtn_rht"):
+        for mode in ("sr", "rtn", "rtn_rht") if fmt in SR_FORMATS else ("rtn", "rtn_rht"):
             q = quantize_gradient(g, mode, fmt)
             assert q.shape == g.shape and torch.isfinite(q).all()
         assert quantize_operand(g, fmt).shape == g.shape
     assert torch.equal(quantize_gradient(g, "none"), g)
     with pytest.raises(ValueError, match="backward mode"):
         quantize_gradient(g, "fp8")
-    with pytest.raises(ValueError, match="backward format 'fp8'"):
+    with pytest.raises(ValueError, match="backward format 'fp16'"):
+        quantize_gradient(g, "sr", "fp16")
+    with pytest.raises(ValueError, match="'fp8' rounds to nearest"):
         quantize_gradient(g, "sr", "fp8")
     with pytest.raises(ValueError, match="backward operands 'both'"):
         backward_gemm(g, g, "sr", "int8", "both")
@@ -202,7 +205,7 @@ def layer_data():
     return torch.randn(2, 24, 64), torch.randn(48, 64) / 8, torch.randn(48), torch.randn(2, 24, 48)
 
 
-@pytest.mark.parametrize("fmt", BACKWARD_FORMATS)
+@pytest.mark.parametrize("fmt", SR_FORMATS)
 def test_layer_backward_is_both_gemms_with_the_quantized_gradient(layer_data, fmt):
     x, w, b, gy = layer_data
     exact = linear_grads(x, w, b, gy, "none")
@@ -231,7 +234,7 @@ def rotated_rtn_product(a: torch.Tensor, b: torch.Tensor, fmt: str) -> torch.Ten
     )
 
 
-@pytest.mark.parametrize("fmt", BACKWARD_FORMATS)
+@pytest.mark.parametrize("fmt", SR_FORMATS)
 @pytest.mark.parametrize("mode", ["sr", "rtn_rht"])
 def test_all_operands_is_the_product_of_the_quantized_operands(layer_data, fmt, mode):
     """operands=all: dX = Q(G along out) Q(W along out) and dW = Q(G^T along tokens) Q(X along tokens), W and X rounded
@@ -261,7 +264,7 @@ def test_sr_weight_gradient_variance_is_propagated_theory(layer_data):
     the backward GEMM's noise is the SR variance of its gradient operand, nothing else."""
     x, _, _, gy = layer_data
     gt, x2 = gy.reshape(-1, 48).t(), x.reshape(-1, 64)
-    for fmt in BACKWARD_FORMATS:
+    for fmt in SR_FORMATS:
         torch.manual_seed(6)
         errors = quantize_gradient(gt.expand(400, *gt.shape), "sr", fmt) @ x2 - gt @ x2
         var = sr_variance(F.pad(gt, (0, -48 % GROUP[fmt])), fmt)[0][:, :48]
@@ -304,9 +307,9 @@ def test_config_keys_reach_the_layers_with_defaults_and_one_line_errors():
         assert (layer.backward, layer.backward_format, layer.backward_operands) == ("rtn_rht", "mxfp4", "all")
         assert "backward_format=mxfp4, backward_operands=all" in repr(layer)
     for key, value, allowed in (
-        ("backward_format", "fp8", "nvfp4, mxfp4, int8"),
+        ("backward_format", "fp16", "nvfp4, mxfp4, int8, fp8"),
         ("backward_operands", "both", "grad, all"),
-        ("backward", "rtn", "none, sr, rtn_rht"),
+        ("backward", "rtn_sr", "none, sr, rtn, rtn_rht"),
     ):
         with pytest.raises(ConfigError, match=f"^quant.{key}='{value}': expected one of {allowed}$"):
             QuantConfig.quest(4, **{key: value})
@@ -314,6 +317,26 @@ def test_config_keys_reach_the_layers_with_defaults_and_one_line_errors():
             QuantConfig.validate({"grid": None, key: value})
     with pytest.raises(ConfigError, match=r"quant\.matmul=int8: the quantized backward"):  # INT8 has its own backward
         QuantConfig.quest(4, backward="sr", matmul="int8")
+    for kw in (dict(backward_format="int8"), dict(backward_operands="all")):  # its own: rtn, fp8, grad only
+        with pytest.raises(ConfigError, match=r"quant\.matmul=int8: the quantized backward"):
+            QuantConfig.quest(4, backward="rtn", matmul="int8", **{"backward_format": "fp8", **kw})
+    with pytest.raises(ConfigError, match=r"quant\.matmul=int8: the fp8 backward .* at most 4 bits"):
+        QuantConfig.quest(5, backward="rtn", backward_format="fp8", matmul="int8")
+    QuantConfig.quest(4, backward="rtn", backward_format="fp8", matmul="int8")  # the FP8 tensor-core backward
+
+
+def test_fp8_rtn_is_rowwise_e4m3_round_to_nearest(gradient):
+    """fp8: one scale per row, max|row| / 448, the elements rounded to the nearest E4M3 value (torch's cast); the row
+    maximum maps to ±448, an all-zero row stays zero; rtn is deterministic and biased (no draws)."""
+    q = quantize_gradient(gradient, "rtn", "fp8")
+    d = gradient.abs().amax(1, keepdim=True) / 448
+    safe = torch.where(d > 0, d, torch.ones_like(d))
+    expected = (gradient / safe).to(torch.float8_e4m3fn).float() * d
+    assert torch.equal(q, expected) and q[5].eq(0).all()
+    torch.testing.assert_close(q.abs().amax(1), gradient.abs().amax(1), rtol=1e-6, atol=0)  # the maximum: ±448 d
+    rel = ((q - gradient).abs() / gradient.abs().clamp_min(1e-30))[gradient.abs() > d * 2**-6]  # normal range
+    assert rel.max() <= 2**-4  # half an E4M3 ulp (3 mantissa bits) relative
+    assert torch.equal(quantize_gradient(gradient, "rtn", "fp8"), q)
 
 
 def alignment_with_quantized_backward(tmp_path, **backward) -> dict[str, float]:

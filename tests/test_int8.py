@@ -101,11 +101,11 @@ def test_codes_dequantize_to_the_fused_values(bits, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_dequantize_kernel_rounds_once(dtype):
     """The eager backward's one-pass dequantization: codes · scale in fp32, one round-to-nearest-even cast."""
-    from quest_pl.kernels import _triton
+    from quest_pl.kernels._tl_gemm import scale_rows_cols
 
     codes, scales = _randint8((37, 300), seed=8, low=-127), _randn((37,), 9).abs() * 3
     expected = (codes.cpu().float() * scales.cpu()[:, None]).to(dtype)
-    assert torch.equal(_triton.dequantize(codes, scales, dtype).cpu(), expected)
+    assert torch.equal(scale_rows_cols(codes, scales, None, dtype).cpu(), expected)
 
 
 def test_codes_reject_non_integer_grids():

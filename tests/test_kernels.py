@@ -19,7 +19,7 @@ from quest_pl import estimators, kernels, quantizers
 triton = pytest.importorskip("triton")
 # Triton 3.6's interpreter converts loop bounds with a NumPy call that NumPy 2.x deprecates.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:triton.*")
-from quest_pl.kernels import _triton  # noqa: E402  (after the importorskip: needs Triton)
+from quest_pl.kernels import _tl_backward, _tl_quantize  # noqa: E402  (after the importorskip: needs Triton)
 
 CONFIGS = [
     ("gaussian_mse", 1, "trust", {}),
@@ -73,7 +73,7 @@ def _poisoned_forward(x2d, **kwargs):
     rows, cols = x2d.shape
     values = torch.full((rows, cols), float("nan"), dtype=x2d.dtype, device=x2d.device)
     packed = torch.full((rows, (cols + 7) // 8), 0xAA, dtype=torch.uint8, device=x2d.device)
-    _triton.quantize_forward(x2d, out=(values, packed), **kwargs)
+    _tl_quantize.quantize_forward(x2d, out=(values, packed), **kwargs)
     return values, kernels.unpack_mask(packed, cols), packed
 
 
@@ -101,15 +101,16 @@ def test_forward_matches_reference(grid, bits, estimator, kwargs, dtype, shape):
     assert packed.dtype == torch.uint8 and packed.shape == (shape[0], shape[1] // 8)
 
 
-@pytest.mark.parametrize("rotation", ["dense", "kron"])
+@pytest.mark.parametrize("persistent", [False, True])
 @pytest.mark.parametrize("resident", [True, False])
 @pytest.mark.parametrize("shape", [(5, 128), (3, 640)], ids=lambda s: f"{s[0]}x{s[1]}")
-def test_both_forward_kernels(resident, shape, rotation):
-    """The resident kernel (whole rows in registers, padded to a power of two of blocks) and the two-pass kernel,
-    each with the dense 128x128 rotation and the Kronecker one (S_8 ⊗ S_16)."""
-    x = _randn(shape, torch.bfloat16, seed=7)
+def test_both_forward_kernels(resident, shape, persistent):
+    """The resident kernel (whole rows in registers, padded to a power of two of blocks) and the two-pass kernel;
+    `persistent`: two programs looping over tiles of 16 tile rows (several tiles each, the last one partial)."""
+    x = _randn((shape[0] * 7, shape[1]), torch.bfloat16, seed=7) if persistent else _randn(shape, torch.bfloat16, 7)
     args = _kernel_args("gaussian_mse", 4, "trust", {})
-    values, mask, _ = _poisoned_forward(x, resident=resident, rotation=rotation, **args)
+    launch = dict(launch=(16, 4, 1, 1), programs=2) if persistent else {}
+    values, mask, _ = _poisoned_forward(x, resident=resident, **launch, **args)
     ref_values, ref_mask = _reference(x, "gaussian_mse", 4, "trust", {})
     _assert_close_values(values, ref_values)
     _assert_masks(mask, ref_mask)
@@ -283,29 +284,17 @@ def test_gradient_matches_detach_carrier(grid, bits, estimator, kwargs, dtype):
     assert ((got - ref).abs() <= tol).all(), (got - ref).abs().max()
 
 
-@pytest.mark.parametrize("rotation", ["dense", "kron"])
-def test_backward_kernel_poisoned_and_unmasked(rotation):
-    """Backward with an all-ones mask is the plain transposed Hadamard; every element is written."""
-    grad = _randn((3, 384), torch.float32, seed=13)
-    packed = torch.full((3, 48), 0xFF, dtype=torch.uint8, device=DEVICE)
+@pytest.mark.parametrize("persistent", [False, True])
+def test_backward_kernel_poisoned_and_unmasked(persistent):
+    """Backward with an all-ones mask is the plain transposed Hadamard; every element is written (`persistent`: two
+    programs looping over tiles of 16 rows x 2 blocks, the last ones partial)."""
+    rows = 37 if persistent else 3
+    grad = _randn((rows, 384), torch.float32, seed=13)
+    packed = torch.full((rows, 48), 0xFF, dtype=torch.uint8, device=DEVICE)
     out = torch.full_like(grad, float("nan"))
-    _triton.quantize_backward(grad, packed, True, rotation=rotation, out=out)
+    launch = dict(launch=(16, 2, 4, 1), programs=2) if persistent else {}
+    _tl_backward.quantize_backward(grad, packed, True, out=out, **launch)
     torch.testing.assert_close(out, quantizers.hadamard_transform(grad), rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_kron_rotation_equals_the_sylvester_matrix(dtype):
-    """S_128 = S_8 ⊗ S_16: the two-product rotation gives x·H of the exact Sylvester matrix (one-hot rows pick out
-    its rows; random rows agree with the fp64 product to fp32 rounding), fp32 inputs through the bf16 split."""
-    eye = torch.eye(128, device=DEVICE, dtype=dtype)
-    ones = torch.full((128, 16), 0xFF, dtype=torch.uint8, device=DEVICE)
-    got = _triton.quantize_backward(eye, ones, True, rotation="kron").double().cpu()
-    assert torch.equal(got, quantizers.hadamard_matrix(torch.float64).to(dtype).double())
-    x = _randn((16, 256), dtype, seed=14)
-    got = _triton.quantize_backward(x, ones[:16].repeat(1, 2), True, rotation="kron").double().cpu()
-    exact = quantizers.hadamard_transform(x.double().cpu())
-    row_norm = exact.norm(dim=1, keepdim=True)
-    assert ((got - exact).abs() <= torch.finfo(dtype).eps * exact.abs() + 1e-6 * row_norm).all()
 
 
 def test_bad_inputs_raise_value_error():
@@ -329,7 +318,7 @@ def test_bad_inputs_raise_value_error():
     with pytest.raises(ValueError, match="does not divide"):
         kernels.fused_quantize(torch.randn(2, 100, device=DEVICE), hadamard=False, group_size=16)
     with pytest.raises(ValueError, match="without codes"):
-        _triton.quantize_forward(x, codes=True, group_size=32, **_kernel_args("gaussian_mse", 4, "trust", {}))
+        _tl_quantize.quantize_forward(x, codes="int8", group_size=32, **_kernel_args("gaussian_mse", 4, "trust", {}))
 
 
 def test_is_supported():
@@ -358,10 +347,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("rotation", list(_triton.ROTATIONS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cuda_forward_backward_match_reference(dtype, rotation, monkeypatch):
-    monkeypatch.setattr(_triton, "ROTATION", rotation)
+def test_cuda_forward_backward_match_reference(dtype):
     x = _randn((1027, 2048), dtype, seed=21)
     values, mask = kernels.fused_quantize(x, bits=4)
     ref_values, ref_mask = _reference(x, "gaussian_mse", 4, "trust", {})
@@ -378,13 +365,10 @@ def test_cuda_forward_backward_match_reference(dtype, rotation, monkeypatch):
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("rotation", list(_triton.ROTATIONS))
 @pytest.mark.parametrize("group_size", [16, 128])
 @pytest.mark.parametrize(("grid", "bits", "estimator", "kwargs"), [CONFIGS[2], CONFIGS[4], CONFIGS[6]], ids=str)
-def test_cuda_group_scales_match_reference(grid, bits, estimator, kwargs, group_size, rotation, monkeypatch):
-    """The compiled group path (both forward kernels, bf16 on the tensor cores, both rotations) against the grouped
-    reference."""
-    monkeypatch.setattr(_triton, "ROTATION", rotation)
+def test_cuda_group_scales_match_reference(grid, bits, estimator, kwargs, group_size):
+    """The compiled group path (both forward kernels, bf16 on the tensor cores) against the grouped reference."""
     for shape in [(1027, 2048), (515, 640)]:
         x = _randn(shape, torch.bfloat16, seed=23)
         values, mask = kernels.fused_quantize(x, bits=bits, grid=grid, estimator=estimator, group_size=group_size,

@@ -13,8 +13,9 @@ quantizer, so a weight-only ``half`` run computes ``y = x Qw(W H)^T``: a fixed o
 latent weight that needs no Hadamard at inference (the paper's W*A16 runs). ``quant.hadamard_block`` (16-128) sets
 the block; group scales (``quant.group_size``, and the MXFP4/NVFP4 grids) nest with it (``quantizers.base``).
 
-``quant.backward`` = ``sr`` | ``rtn_rht`` quantizes the output gradient entering both backward GEMMs, in
-``quant.backward_format`` (``nvfp4``, ``mxfp4`` or ``int8``), and with ``quant.backward_operands=all`` the saved weight
+``quant.backward`` = ``sr`` | ``rtn`` | ``rtn_rht`` quantizes the output gradient entering both backward GEMMs, in
+``quant.backward_format`` (``nvfp4``, ``mxfp4``, ``int8`` or ``fp8``; ``rtn`` + ``fp8`` runs on FP8 tensor cores
+with ``quant.matmul=int8``), and with ``quant.backward_operands=all`` the saved weight
 and activation too (``estimators.backward``); ``none`` keeps the full-precision backward.
 
 Modules: :mod:`.spec` (the configs), :mod:`.linear` (the layer), :mod:`.swap` (putting it in place).

@@ -102,12 +102,14 @@ class QuantLinear(nn.Linear):
 
         act, weight_args = self.kernel_args["act"], self.kernel_args["weight"]
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            y = int8.quest_int8_linear(x, self.weight, act, weight_args)
+            backward = "bf16" if self.backward == "none" else "fp8"  # _int8_config_error admits rtn / fp8 only
+            y = int8.quest_int8_linear(x, self.weight, act, weight_args, backward=backward)
         else:  # inference: the weight's codes once per weight version
             w = self.weight
-            key = (w.data_ptr(), w._version, w.device, w.dtype)
+            fmt = int8.inference_codes(x, w, act, weight_args)
+            key = (w.data_ptr(), w._version, w.device, w.dtype, fmt)
             if self._frozen_weight_codes is None or self._frozen_weight_codes[0] != key:
-                codes, _, scales = int8.quantize_codes(w, **weight_args)
+                codes, _, scales = int8.quantize_codes(w, **weight_args, codes=fmt)
                 self._frozen_weight_codes = (key, codes, scales)
             _, codes, scales = self._frozen_weight_codes
             y = int8.quest_int8_linear_frozen(x, codes, scales, act)

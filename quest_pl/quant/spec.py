@@ -211,7 +211,7 @@ class QuantConfig:
         if matmul not in MATMUL_MODES:
             raise ConfigError(f"quant.matmul={matmul!r}: expected one of {', '.join(MATMUL_MODES)}")
         if matmul == "int8":
-            reason = _int8_config_error(specs, kernel, backward["backward"])
+            reason = _int8_config_error(specs, kernel, **backward)
             if reason:
                 raise ConfigError(f"quant.matmul=int8: {reason}; use quant.matmul=auto or bf16")
         if kernel == "triton":
@@ -280,13 +280,23 @@ def learned_init_error(steps, specs: list, key: str = "quant.learned_init_steps"
         )
 
 
-def _int8_config_error(specs: dict, kernel: str, backward: str = "none") -> str | None:
+def _int8_config_error(
+    specs: dict, kernel: str, backward: str = "none", backward_format: str = "nvfp4", backward_operands: str = "grad"
+) -> str | None:
     """Why the INT8 forward GEMM cannot serve these operands (both quantized, centered integer grid <= 7 bits with one
-    scale per row, a kernel estimator, kernels allowed, the full-precision backward), or None."""
+    scale per row, a kernel estimator, kernels allowed, the full-precision backward or the FP8 one on the exact codes
+    of grids of at most 4 bits), or None."""
+    from quest_pl.kernels.gemm import FP8_MAX_BITS
     from quest_pl.kernels.int8 import int8_unsupported
 
-    if backward != "none":  # the INT8 path has its own backward; the quantized one is in the bf16 path's autograd
-        return f"the quantized backward (quant.backward={backward}) runs with the bf16 matmul"
+    fp8 = (backward, backward_format, backward_operands) == ("rtn", "fp8", "grad")
+    if backward != "none" and not fp8:  # the INT8 path's own backward is bf16 or FP8 (kernels.fp8)
+        return (
+            f"the quantized backward (quant.backward={backward}, backward_format={backward_format}, "
+            f"backward_operands={backward_operands}) runs with the bf16 matmul; the int8 path's is rtn, fp8, grad"
+        )
+    if fp8 and any(spec is not None and spec.bits > FP8_MAX_BITS for spec in specs.values()):
+        return f"the fp8 backward takes the saved codes exact in E4M3: grids of at most {FP8_MAX_BITS} bits"
 
     if specs["w"] is None or specs["a"] is None:
         return "it needs both operands quantized (a W·A configuration)"

@@ -12,7 +12,14 @@ from torch import nn
 
 from quest_pl.config import ConfigError
 from quest_pl.quant.linear import QuantLinear
-from quest_pl.quant.spec import QUANT_PARAM_MARKERS, OperandSpec, QuantConfig, _int8_config_error, kernel_unsupported
+from quest_pl.quant.spec import (
+    BACKWARD_KEYS,
+    QUANT_PARAM_MARKERS,
+    OperandSpec,
+    QuantConfig,
+    _int8_config_error,
+    kernel_unsupported,
+)
 from quest_pl.quantizers.base import format_bits_per_element
 
 log = logging.getLogger(__name__)
@@ -112,7 +119,8 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
 def _resolve_matmul(cfg: QuantConfig, kernel_args: dict) -> str:
     """quant.matmul for one layer: int8 where both operands are kernel-served on a centered integer grid (and, for
     auto, CUDA has INT8 tensor cores), else bf16."""
-    if cfg.matmul == "bf16" or _int8_config_error({"w": cfg.weight, "a": cfg.act}, cfg.kernel, cfg.backward):
+    backward = {key: getattr(cfg, key) for key in BACKWARD_KEYS}
+    if cfg.matmul == "bf16" or _int8_config_error({"w": cfg.weight, "a": cfg.act}, cfg.kernel, **backward):
         return "bf16"
     if kernel_args["weight"] is None or kernel_args["act"] is None:
         return "bf16"

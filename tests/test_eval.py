@@ -124,8 +124,9 @@ def test_generate_is_deterministic_with_a_seed(trained):
 
 
 def test_export_command_and_generate_from_the_export(trained, tmp_path):
-    from quest_pl.export import load_packed, main
+    from quest_pl.export import main
     from quest_pl.generate import generate, load_for_generation
+    from quest_pl.saving import load_packed
 
     ckpt = trained[0] / "checkpoints" / "last.ckpt"
     assert main([str(ckpt), str(tmp_path / "out")]) == 0

@@ -12,6 +12,7 @@ import importlib.abc
 import importlib.machinery
 import sys
 import warnings
+from pathlib import Path
 
 TARGET = "transformers.quantizers.auto"
 
@@ -57,8 +58,37 @@ class _PostImportHook(importlib.abc.MetaPathFinder):
         return spec
 
 
+class _InstalledKernelsFirst(importlib.abc.MetaPathFinder):
+    """In a checkout, the repository's top-level ``kernels/`` (installed as ``quest_pl.kernels``) would shadow the
+    ``kernels`` distribution that ``transformers`` imports whenever the checkout's root is on ``sys.path``
+    (``python -m`` from the root, pytest): find ``kernels`` in every other ``sys.path`` entry first."""
+
+    def __init__(self, ours: Path):
+        self.ours = ours
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != "kernels":
+            return None
+        for entry in sys.path:
+            candidate = Path(entry or ".") / "kernels"
+            if candidate.exists() and candidate.resolve() == self.ours:
+                continue
+            spec = importlib.machinery.PathFinder.find_spec(fullname, [entry], target)
+            if spec is not None:
+                return spec
+        return None
+
+
+def _guard_kernels_name() -> None:
+    package = Path(__file__).resolve().parents[1]  # quest_pl
+    ours = (package / "kernels").resolve()
+    if ours == package.parent / "kernels" and not any(isinstance(f, _InstalledKernelsFirst) for f in sys.meta_path):
+        sys.meta_path.insert(0, _InstalledKernelsFirst(ours))  # a checkout: quest_pl/kernels links to ../kernels
+
+
 def register_on_import() -> None:
     """Register with ``transformers`` now if its quantizer registry is loaded, else when it is."""
+    _guard_kernels_name()
     if TARGET in sys.modules:
         _register()
     elif not any(isinstance(finder, _PostImportHook) for finder in sys.meta_path):

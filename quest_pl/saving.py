@@ -181,10 +181,10 @@ def save_quantized(model: nn.Module, directory: str | Path, overwrite: bool = Fa
     return directory
 
 
-def install_packed_layers(model: nn.Module, layers: dict, where: str, device=None) -> None:
-    """Replace, in ``model``, each layer named in ``layers`` (name -> metadata) by an empty :class:`PackedLinear` of
-    that metadata; the named module must exist and have the layer's shape (``ConfigError`` otherwise, before any
-    replacement)."""
+def packed_skeletons(model: nn.Module, layers: dict, where: str, device=None) -> dict[str, PackedLinear]:
+    """An empty :class:`PackedLinear` for each layer named in ``layers`` (name -> metadata), checked against ``model``
+    (the named module must exist with the layer's shape; ``ConfigError`` otherwise). ``model`` is not changed."""
+    skeletons = {}
     for name, meta in layers.items():
         try:
             current = model.get_submodule(name)
@@ -198,8 +198,15 @@ def install_packed_layers(model: nn.Module, layers: dict, where: str, device=Non
             have = tuple(weight.shape) if isinstance(weight, Tensor) else None
         if have != shape:
             raise ConfigError(f"{where}: layer {name} is {have} in the model, {shape} in the file: another model")
-    for name, meta in layers.items():
-        replace_module(model, name, PackedLinear(meta, device=device))
+        skeletons[name] = PackedLinear(meta, device=device)
+    return skeletons
+
+
+def install_packed_layers(model: nn.Module, layers: dict, where: str, device=None) -> None:
+    """Replace, in ``model``, each layer named in ``layers`` by an empty :class:`PackedLinear` of its metadata (all
+    checked first: :func:`packed_skeletons`)."""
+    for name, layer in packed_skeletons(model, layers, where, device).items():
+        replace_module(model, name, layer)
 
 
 @torch.no_grad()
@@ -207,32 +214,32 @@ def load_quantized(directory: str | Path, model: nn.Module | object) -> nn.Modul
     """The converted model saved in ``directory``, rebuilt on ``model``: an unquantized skeleton of the same
     architecture (its weights are replaced), or a ``transformers`` config (the model is built from it), in eval mode.
     Raises ``ConfigError`` (a ``ValueError``) when the file is damaged or changed (digest), or was saved from another
-    model (a layer or tensor that does not match)."""
+    model (a layer or tensor that does not match); the skeleton is left as it was then."""
     where = repr(str(directory))
     tensors, config = read_packed(directory)
     if not isinstance(model, nn.Module):
         if not hasattr(model, "to_dict"):
-            raise TypeError(
-                f"load_quantized: model={type(model).__name__}: expected an nn.Module or a transformers config"
-            )
+            kind = type(model).__name__
+            raise TypeError(f"load_quantized: model={kind}: expected an nn.Module or a transformers config")
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_config(model)
-    install_packed_layers(model, config["layers"], where)
-    model_state = model.state_dict()
-    missing = sorted(set(model_state) - set(tensors))
-    unexpected = sorted(set(tensors) - set(model_state))
+    skeletons = packed_skeletons(model, config["layers"], where)
+    prefixes = tuple(f"{n}." for n in skeletons)
     tied = _tied_names(model)
-    missing = [k for k in missing if k not in tied]
+    expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith(prefixes) and k not in tied}
+    expected |= {f"{n}.{k}": v.shape for n, m in skeletons.items() for k, v in m.state_dict().items()}
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    kind = type(model).__name__
     if missing or unexpected:
         what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
-        raise ConfigError(
-            f"{where}: the file's tensors do not match the {type(model).__name__} ({what}): another model"
-        )
+        raise ConfigError(f"{where}: the file's tensors do not match the {kind} ({what}): another model")
     for name, t in tensors.items():
-        if tuple(model_state[name].shape) != tuple(t.shape):
-            shapes = f"{list(t.shape)} in the file, {list(model_state[name].shape)} in the model"
+        if tuple(expected[name]) != tuple(t.shape):
+            shapes = f"{list(t.shape)} in the file, {list(expected[name])} in the model"
             raise ConfigError(f"{where}: tensor {name} is {shapes}: another model")
+    for name, layer in skeletons.items():
+        replace_module(model, name, layer)
     model.load_state_dict(tensors, strict=False)
     if callable(getattr(model, "tie_weights", None)):
         model.tie_weights()

@@ -212,3 +212,20 @@ def test_transformers_loads_the_compressed_tensors_checkpoint(tmp_path):
     with torch.no_grad():
         want, got = model(idx).logits, loaded(idx).logits.float()
     assert (got - want).abs().max() <= 0.05 * want.abs().max()  # bf16 activations against our fp32 model
+
+
+def test_readme_example_runs_and_reloads_to_the_same_logits(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### QAT your own Hugging Face model, save it, load it", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert len([line for line in code.splitlines() if line.strip()]) <= 12
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    model, again = namespace["model"], namespace["again"]
+    assert isinstance(again.model.layers[0].self_attn.q_proj, PackedLinear)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)

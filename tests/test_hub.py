@@ -10,13 +10,12 @@ import sys
 
 import pytest
 import torch
+import transformers  # the [hf] extra (with compressed-tensors): scripts/setup.sh installs it, nothing skips
 
 from quest_pl.convert import PackedLinear, convert_
 from quest_pl.quant import QuantConfig
 from quest_pl.saving import save_quantized
 from tests.test_lifecycle import D, hf_config, project_llama, qat, tokens
-
-transformers = pytest.importorskip("transformers")
 
 W4A4 = QuantConfig.make(grid="gaussian_mse", bits=4, estimator="trust", hadamard=True, hadamard_block=32)
 
@@ -146,7 +145,6 @@ def block_fp4(grid, **kw):
     ids=["mxfp4-w4a4", "mxfp4-w4a16", "nvfp4-w4a4", "nvfp4-w4a16"],
 )  # fmt: skip
 def test_compressed_tensors_checkpoint_decodes_to_our_weights(config, tmp_path):
-    pytest.importorskip("compressed_tensors")
     from quest_pl.hub.compressed import decoded_weights, export_compressed_tensors, quest_weights
 
     model = hf_qat(config)
@@ -174,7 +172,6 @@ def test_compressed_tensors_checkpoint_decodes_to_our_weights(config, tmp_path):
 
 
 def test_compressed_tensors_hadamard_is_ours():
-    pytest.importorskip("compressed_tensors")
     from compressed_tensors.transform.utils.hadamard import deterministic_hadamard_matrix
 
     from quest_pl.quantizers import hadamard_transform
@@ -185,7 +182,6 @@ def test_compressed_tensors_hadamard_is_ours():
 
 
 def test_compressed_tensors_refuses_what_no_standard_format_holds_exactly(tmp_path):
-    pytest.importorskip("compressed_tensors")
     from quest_pl.hub.compressed import export_compressed_tensors
 
     with pytest.raises(ValueError, match=r"no standard format represents it exactly \(the centered INT grid"):
@@ -202,7 +198,6 @@ def test_compressed_tensors_refuses_what_no_standard_format_holds_exactly(tmp_pa
 
 
 def test_transformers_loads_the_compressed_tensors_checkpoint(tmp_path):
-    pytest.importorskip("compressed_tensors")
     from quest_pl.hub.compressed import export_compressed_tensors
 
     model = hf_qat(QuantConfig.make(grid="mxfp4", bits=4, a_bits=None, estimator="trust", scale_rule="absmax"))

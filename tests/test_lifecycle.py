@@ -49,7 +49,8 @@ def project_llama():
 
 
 def hf_config():
-    transformers = pytest.importorskip("transformers")
+    import transformers  # the [hf] extra: scripts/setup.sh installs it, so this never skips
+
     return transformers.LlamaConfig(
         vocab_size=200, hidden_size=D, intermediate_size=2 * D, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False,

@@ -174,7 +174,8 @@ class PackedLinear(nn.Module):
         if self.int_path:
             y = int_linear(x, self.act_quant, self.hadamard, self.hadamard_block, codes, half)
             return y if self.bias is None else y + self.bias.to(y.dtype)
-        return F.linear(self._quantize_act(x), weight.to(x.dtype), self.bias)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(self._quantize_act(x), weight.to(x.dtype), bias)
 
 
 def packed_layers(model: nn.Module) -> dict[str, PackedLinear]:

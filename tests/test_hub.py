@@ -49,6 +49,9 @@ def test_from_pretrained_keeps_the_packed_tensors_in_their_dtype_and_refuses_a_d
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.bfloat16)
     layer = loaded.model.layers[0].mlp.down_proj
     assert layer.scale.dtype == torch.float32 and layer.table.dtype == torch.float32  # fp32 quantizer arithmetic
+    assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16  # the rest of the model as asked
+    with torch.no_grad():
+        assert loaded(tokens()).logits.dtype == torch.bfloat16
     assert torch.equal(layer.scale, model.model.layers[0].mlp.down_proj.scale)
     from safetensors.torch import load_file, save_file
 

@@ -7,7 +7,9 @@ float tensor is checked finite.
 
 ``import quest_pl`` registers this module when ``transformers`` is imported (before or after), without importing
 ``transformers`` itself (``quest_pl.hub.register_on_import``). The packed tensors keep the dtype they were saved in
-whatever ``dtype`` the model is loaded with (the quantizer arithmetic stays fp32; METHOD.md §7.12).
+whatever ``dtype`` the model is loaded with: ``transformers`` casts a tensor to the dtype of the empty module it loads
+into, and the packed layers are built with fp32 scales and tables and uint8 codes (the quantizer arithmetic stays
+fp32; METHOD.md §7.12).
 """
 
 from __future__ import annotations
@@ -74,10 +76,6 @@ class QuestPLHfQuantizer(HfQuantizer):
         for name, layer in packed_layers(model).items():
             check_finite({f"{name}.{k}": v for k, v in layer.state_dict().items()}, "from_pretrained")
         return model
-
-    def get_new_dtype(self, converter, param, dtype):
-        """Packed tensors keep their stored dtype (fp32 scales and tables, uint8 codes)."""
-        return None
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
         return True

@@ -215,9 +215,12 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--hf-drop-act-quant: only with --hf-dense (the packed --hf keeps the quantizers)")
         check_paths(out_dir=args.out_dir, hf=args.hf, tokenizer=args.tokenizer)
         if args.hf:
-            from quest_pl.hub.llama import check_hf_available
+            from quest_pl.hub.llama import check_hf_available, is_packed_hf_dir
 
             check_hf_available("--hf")
+            hf_dir = Path(args.hf)
+            if not args.hf_dense and hf_dir.is_dir() and any(hf_dir.iterdir()) and not is_packed_hf_dir(hf_dir):
+                raise ConfigError(f"--hf={args.hf!r}: a non-empty directory that is no earlier --hf export")
         module, ckpt = module_from_checkpoint(args.checkpoint, key="checkpoint")
         tokenizer = args.tokenizer or find_tokenizer(args.checkpoint)
         if tokenizer is None:

@@ -150,11 +150,13 @@ def _umask() -> int:
     return mask
 
 
-def save_quantized(model: nn.Module, directory: str | Path, overwrite: bool = False, extra: dict | None = None) -> Path:
+def save_quantized(
+    model: nn.Module, directory: str | Path, overwrite: bool = False, files: dict[str, bytes] | None = None
+) -> Path:
     """Write the converted ``model`` (``quest_pl.convert_``) into ``directory`` (see the module docstring) and return
     it. Refused before anything is written (``ValueError``): a model with no packed layer (or one not yet
-    converted), and a ``directory`` that is a file or a non-empty directory unless ``overwrite=True``. ``extra``:
-    JSON-able entries added to the layer table (the export adds the model config and the training step)."""
+    converted), and a ``directory`` that is a file or a non-empty directory unless ``overwrite=True``. ``files``:
+    more files (name -> bytes) written in the same all-or-nothing step, e.g. a tokenizer's."""
     from quest_pl.quant import quant_layers
 
     directory = Path(directory)
@@ -167,17 +169,16 @@ def save_quantized(model: nn.Module, directory: str | Path, overwrite: bool = Fa
     if directory.is_dir() and any(directory.iterdir()) and not overwrite:
         raise ValueError(f"save_quantized: {str(directory)!r} is not empty; pass overwrite=True to replace it")
     config = layer_table(model) | {"model_class": f"{type(model).__module__}.{type(model).__qualname__}"}
-    config |= extra or {}
     tensors = _unique_state(model)
     check_finite(tensors, "save_quantized")
-    files = {MODEL_FILE: serialize(tensors, config)}
+    written = dict(files or {}) | {MODEL_FILE: serialize(tensors, config)}
     if _is_hf_model(model):
         hf_config = model.config.to_dict()
         hf_config["quantization_config"] = {"quant_method": "quest_pl"} | layer_table(model)
-        files[CONFIG_FILE] = (json.dumps(hf_config, indent=2, sort_keys=True) + "\n").encode()
+        written[CONFIG_FILE] = (json.dumps(hf_config, indent=2, sort_keys=True) + "\n").encode()
     else:
-        files[CONFIG_FILE] = (json.dumps(config, indent=2) + "\n").encode()
-    _write_dir(directory, files, overwrite)
+        written[CONFIG_FILE] = (json.dumps(config, indent=2) + "\n").encode()
+    _write_dir(directory, written, overwrite)
     return directory
 
 

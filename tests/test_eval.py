@@ -155,6 +155,12 @@ def test_export_command_hugging_face(trained, tmp_path):
     with torch.no_grad():
         want, got = packed(ids), hf(ids).logits
     assert ids.shape[1] > 1 and (got - want).abs().max() <= 1e-3 * want.abs().max()
+    assert main([str(ckpt), str(tmp_path / "out"), "--hf", str(tmp_path / "hf")]) == 0  # an earlier export: replaced
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("not an export")
+    assert main([str(ckpt), str(tmp_path / "out3"), "--hf", str(mine)]) == 2  # anything else: refused, untouched
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and not (tmp_path / "out3").exists()
     # the dense (fp32) export of a W4A4 model is refused before anything is written, packed export included
     assert main([str(ckpt), str(tmp_path / "out2"), "--hf", str(tmp_path / "hf2"), "--hf-dense"]) == 2
     assert not (tmp_path / "out2").exists() and not (tmp_path / "hf2").exists()

@@ -231,9 +231,24 @@ def export_hf(model: nn.Module, out_dir: str | Path, tokenizer: str | Path | Non
     """Write our QAT ``Llama`` as a packed ``LlamaForCausalLM`` directory (:func:`hf_packed_model`, saved with
     ``quest_pl.save_quantized``), with the tokenizer when given; ``AutoModelForCausalLM.from_pretrained`` loads it
     after ``import quest_pl``."""
+    import tempfile
+
     from quest_pl.saving import save_quantized
 
-    out_dir = Path(out_dir)
-    save_quantized(hf_packed_model(model, tokenizer), out_dir, overwrite=overwrite)
-    save_hf_tokenizer(tokenizer, out_dir)
-    return out_dir
+    files = {}
+    if tokenizer:
+        with tempfile.TemporaryDirectory() as tmp:
+            save_hf_tokenizer(tokenizer, Path(tmp))
+            files = {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+    return save_quantized(hf_packed_model(model, tokenizer), Path(out_dir), overwrite=overwrite, files=files)
+
+
+def is_packed_hf_dir(path: Path) -> bool:
+    """Whether ``path`` holds a packed ``LlamaForCausalLM`` export (what ``--hf`` may replace)."""
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and (config.get("quantization_config") or {}).get("quant_method") == "quest_pl"

@@ -133,8 +133,10 @@ def _write_dir(directory: Path, files: dict[str, bytes], overwrite: bool) -> Non
         if directory.exists() and any(directory.iterdir()):
             if not overwrite:  # checked by the caller; a directory filled meanwhile is not replaced either
                 raise ValueError(f"{str(directory)!r} is not empty")
-            old = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{directory.name}.", dir=parent))
-            os.replace(directory, old / "previous")
+            # The previous directory moves aside under another prefix than the temporaries (which the next save
+            # removes): a kill between the two renames leaves it there, never deleted.
+            old = Path(tempfile.mkdtemp(prefix=f".previous-{directory.name}.", dir=parent))
+            os.replace(directory, old / directory.name)
             os.replace(tmp, directory)
             shutil.rmtree(old, ignore_errors=True)
         else:

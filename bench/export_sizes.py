@@ -12,8 +12,9 @@ import tempfile
 
 import torch
 
-from quest_pl.export import export_packed, load_packed
+from quest_pl.export import export_packed
 from quest_pl.module import LMModule
+from quest_pl.saving import load_packed
 
 MODEL = dict(vocab_size=32000, n_layer=6, d_model=640, n_head=5, seq_len=512)
 OPTIM = dict(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, warmup_frac=0.1, init_div=100.0,

@@ -7,7 +7,9 @@
 #              without the network: that wheel (fast, offline).
 #   cpu-index  no working GPU otherwise: the CPU build from PyTorch's CPU wheel index ($CPU_INDEX), installed first
 #              and then pinned, so the project's dependencies never pull a multi-GB CUDA build.
-# Both CPU cases also apply requirements/cpu-constraints.txt (triton, numpy).
+# Both CPU cases also apply requirements/cpu-constraints.txt (triton, numpy) and add the [triton] extra (the tests run
+# the kernels through Triton's interpreter); the CUDA build brings its own triton. Every case installs the [dev] and
+# [hf] extras (pytest, ruff; transformers and compressed-tensors), so the Hugging Face tests run, none skipped.
 #
 # Environment: PYTHON (interpreter, 3.10+, default python3); QUEST_TORCH=cuda|local|cpu-index forces a choice;
 # QUEST_NO_UV=1 uses pip even where uv is on PATH; QUEST_SETUP_PLAN=1 prints the choice and the install commands
@@ -81,7 +83,7 @@ pin=.venv/.torch-pin.txt
 case "$source" in
   cuda)
     echo "torch: CUDA build from the default index (nvidia-smi works)"
-    pip_install -e ".[dev]"
+    pip_install -e ".[dev,hf]"
     ;;
   local)
     echo "torch: local CPU wheel torch==$LOCAL_TORCH from pip's configured wheel folder (no working GPU)"
@@ -91,13 +93,13 @@ case "$source" in
       links=(--find-links "$(dirname "${url#file://}")")
     fi
     run sh -c "echo 'torch==$LOCAL_TORCH' > $pin"
-    pip_install ${links[@]+"${links[@]}"} -c "$constraints" -c "$pin" -e ".[dev]"
+    pip_install ${links[@]+"${links[@]}"} -c "$constraints" -c "$pin" -e ".[dev,hf,triton]"
     ;;
   cpu-index)
     echo "torch: CPU build from $CPU_INDEX (no working GPU, no local CPU wheel torch==$LOCAL_TORCH)"
     pip_install --index-url "$CPU_INDEX" torch
     run sh -c ".venv/bin/python -c 'import torch; print(\"torch==\" + torch.__version__)' > $pin"
-    pip_install -c "$constraints" -c "$pin" -e ".[dev]"
+    pip_install -c "$constraints" -c "$pin" -e ".[dev,hf,triton]"
     ;;
 esac
 

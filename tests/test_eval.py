@@ -124,8 +124,9 @@ def test_generate_is_deterministic_with_a_seed(trained):
 
 
 def test_export_command_and_generate_from_the_export(trained, tmp_path):
-    from quest_pl.export import load_packed, main
+    from quest_pl.export import main
     from quest_pl.generate import generate, load_for_generation
+    from quest_pl.saving import load_packed
 
     ckpt = trained[0] / "checkpoints" / "last.ckpt"
     assert main([str(ckpt), str(tmp_path / "out")]) == 0
@@ -140,17 +141,128 @@ def test_export_command_and_generate_from_the_export(trained, tmp_path):
 
 
 def test_export_command_hugging_face(trained, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers  # the [hf] extra: scripts/setup.sh installs it, so this never skips
+
     from quest_pl.export import main
+    from quest_pl.saving import load_packed
 
     ckpt = trained[0] / "checkpoints" / "last.ckpt"
-    assert main([str(ckpt), str(tmp_path / "out"), "--hf", str(tmp_path / "hf")]) == 2  # W4A4: refused
-    assert not (tmp_path / "hf").exists()
-    assert main([str(ckpt), str(tmp_path / "out"), "--hf", str(tmp_path / "hf"), "--hf-drop-act-quant"]) == 0
-    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    assert main([str(ckpt), str(tmp_path / "out"), "--hf", str(tmp_path / "hf")]) == 0  # W4A4, quantizers kept
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     ids = tok("ROMEO:", return_tensors="pt").input_ids
-    assert ids.shape[1] > 1 and hf(ids).logits.shape == (1, ids.shape[1], hf.config.vocab_size)
+    packed, _ = load_packed(tmp_path / "out")
+    with torch.no_grad():
+        want, got = packed(ids), hf(ids).logits
+    assert ids.shape[1] > 1 and (got - want).abs().max() <= 1e-3 * want.abs().max()
+    assert main([str(ckpt), str(tmp_path / "out"), "--hf", str(tmp_path / "hf")]) == 0  # an earlier export: replaced
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("not an export")
+    assert main([str(ckpt), str(tmp_path / "out3"), "--hf", str(mine)]) == 2  # anything else: refused, untouched
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and not (tmp_path / "out3").exists()
+    # the dense (fp32) export of a W4A4 model is refused before anything is written, packed export included
+    assert main([str(ckpt), str(tmp_path / "out2"), "--hf", str(tmp_path / "hf2"), "--hf-dense"]) == 2
+    assert not (tmp_path / "out2").exists() and not (tmp_path / "hf2").exists()
+    args = [str(ckpt), str(tmp_path / "out2"), "--hf", str(tmp_path / "hf2"), "--hf-dense", "--hf-drop-act-quant"]
+    assert main(args) == 0
+    dense = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf2", dtype=torch.float32)
+    assert not hasattr(dense.config, "quantization_config")
+
+
+def one_error_line(capsys, start):
+    err = capsys.readouterr().err
+    assert err.startswith(start) and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_export_checks_everything_before_writing(trained, tmp_path, capsys, monkeypatch):
+    """--hf without transformers, a JSON file that is not a tokenizer, a tokenizer larger than the model's vocabulary:
+    one error line, exit 2, and no output directory."""
+    import sys
+
+    from tokenizers import Tokenizer, models
+
+    from quest_pl.export import main
+
+    ckpt = str(trained[0] / "checkpoints" / "last.ckpt")
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "transformers", None)  # the [hf] extra is not installed
+        assert main([ckpt, str(out), "--hf", str(tmp_path / "hf")]) == 2
+    one_error_line(capsys, "error: --hf: needs transformers")
+    not_a_tokenizer = tmp_path / "tok.json"
+    not_a_tokenizer.write_text('{"vocab": {"a": 1}}')
+    assert main([ckpt, str(out), "--tokenizer", str(not_a_tokenizer)]) == 2
+    one_error_line(capsys, f"error: --tokenizer={str(not_a_tokenizer)!r}: not a tokenizer.json")
+    big = Tokenizer(models.WordLevel({f"w{i}": i for i in range(5000)} | {"<|endoftext|>": 5000}, unk_token="w0"))
+    big.save(str(tmp_path / "big.json"))
+    assert main([ckpt, str(out), "--tokenizer", str(tmp_path / "big.json")]) == 2
+    one_error_line(capsys, f"error: --tokenizer={str(tmp_path / 'big.json')!r}: vocabulary of 5001 tokens")
+    assert not out.exists()
+
+
+def test_export_into_an_unwritable_directory_is_one_line(trained, tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+
+    from quest_pl import export
+
+    ckpt = str(trained[0] / "checkpoints" / "last.ckpt")
+    out = tmp_path / "ro"
+    out.mkdir()
+    real_access = os.access
+    with monkeypatch.context() as m:  # a read-only directory (root ignores mode bits: the check is what is tested)
+        m.setattr(export.os, "access", lambda path, mode: False if str(path) == str(out) else real_access(path, mode))
+        assert export.main([ckpt, str(out)]) == 2
+    one_error_line(capsys, f"error: out_dir={str(out)!r}: {str(out)!r} is not writable")
+
+    def refused(path, data):  # the filesystem refuses the write itself (read-only mount, full disk)
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    with monkeypatch.context() as m:
+        m.setattr(export, "atomic_write_bytes", refused)
+        assert export.main([ckpt, str(out)]) == 2
+    one_error_line(capsys, f"error: out_dir={str(out)!r}: cannot write the export (Read-only file system)")
+    assert not any(out.iterdir())
+
+
+def test_export_removes_what_a_killed_export_left(trained, tmp_path):
+    from quest_pl.export import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / ".tmp-model.safetensors.k1ll3d"
+    stale.write_bytes(b"\0" * 100_000)
+    (out / "notes.txt").write_text("mine")
+    assert main([str(trained[0] / "checkpoints" / "last.ckpt"), str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "notes.txt", "tokenizer.json"]
+
+
+def test_generate_from_a_damaged_export_is_one_line(trained, tmp_path, capsys):
+    from quest_pl.export import main as export_main
+    from quest_pl.generate import main as generate_main
+    from quest_pl.saving import read_packed, serialize
+
+    assert export_main([str(trained[0] / "checkpoints" / "last.ckpt"), str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+    model_file = tmp_path / "out" / "model.safetensors"
+    good = model_file.read_bytes()
+    args = [str(tmp_path / "out"), "--max-new-tokens", "2", "--device", "cpu"]
+    model_file.write_bytes(good[: len(good) * 2 // 3])  # cut short
+    assert generate_main(args) == 2
+    one_error_line(capsys, "error: ")
+    model_file.write_bytes(good)
+    tensors, config = read_packed(tmp_path / "out")
+    name = next(k for k in tensors if k.endswith(".scale"))
+    tensors[name] = torch.full_like(tensors[name], float("nan"))  # scales overwritten, digest rewritten to match
+    model_file.write_bytes(serialize(tensors, config))
+    assert generate_main(args) == 2
+    assert "holds NaN or infinite values" in one_error_line(capsys, "error: ")
+    model_file.write_bytes(good)
+    (tmp_path / "out" / "tokenizer.json").write_text("{not json")
+    assert generate_main(args) == 2
+    one_error_line(capsys, "error: tokenizer=")
 
 
 def test_evaluate_on_another_data_config_uses_the_checkpoints_tokenizer(trained, tmp_path):
@@ -202,7 +314,7 @@ def test_export_and_generate_refuse_bad_paths_in_one_line(trained, tmp_path, cap
     for args, message in [
         ([ckpt, str(a_file)], "error: out_dir="),
         ([ckpt, out, "--tokenizer", none], "error: --tokenizer="),
-        ([ckpt, out, "--hf", str(a_file), "--hf-drop-act-quant"], "error: --hf="),  # transformers only logs this
+        ([ckpt, out, "--hf", str(a_file)], "error: --hf="),  # transformers only logs this
     ]:
         assert export_main(args) == 2
         err = capsys.readouterr().err

@@ -1,21 +1,16 @@
-"""Packed export (quest_pl.export): bit packing, bit-exact reload against the QAT model's quantized forward for every
-grid, the packed sizes, and the integer path against fake quantization."""
+"""Packed export (quest_pl.export, .packing, .convert, .saving): bit packing, bit-exact reload against the QAT
+model's quantized forward for every grid, the packed sizes, and the integer path against fake quantization."""
 
 import math
 
 import pytest
 import torch
 
-from quest_pl.export import (
-    PackedLinear,
-    export_packed,
-    int_matmul,
-    load_packed,
-    pack_codes,
-    read_packed,
-    set_int_path,
-    unpack_codes,
-)
+from quest_pl.convert import PackedLinear, set_int_path
+from quest_pl.export import export_packed
+from quest_pl.intpath import int_matmul
+from quest_pl.packing import pack_codes, unpack_codes
+from quest_pl.saving import load_packed, read_packed
 
 MODEL = dict(vocab_size=300, n_layer=1, d_model=128, n_head=2, seq_len=16)
 OPTIM = dict(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, warmup_frac=0.1, init_div=100.0,
@@ -169,7 +164,7 @@ def test_group_scale_sizes_match_the_layout(q, scale_bytes_per_group, group, tmp
     tensors, config = read_packed(tmp_path)
     weights = overhead = 0
     for name, meta in config["layers"].items():
-        rows, cols = meta["shape"]
+        rows, cols = meta["rows"], meta["cols"]
         assert meta["group_size"] == group
         assert tensors[f"{name}.codes"].shape == (rows, cols // 2)  # two 4-bit codes per byte
         assert tensors[f"{name}.scale"].shape == (rows, cols // group)
@@ -182,10 +177,10 @@ def test_group_scale_sizes_match_the_layout(q, scale_bytes_per_group, group, tmp
 
 
 def test_export_refuses_what_it_cannot_reproduce(tmp_path, monkeypatch):
-    from quest_pl import export
+    from quest_pl import packing
 
     module = qat_module(quant("gaussian_mse", 4, None, None))
-    monkeypatch.setattr(export, "odd_codes", lambda values, step: torch.round(values * 2 / step).long() + 2)
+    monkeypatch.setattr(packing, "odd_codes", lambda values, step: torch.round(values * 2 / step).long() + 2)
     with pytest.raises(RuntimeError, match="does not round-trip exactly"):
         export_packed(module, tmp_path)
     assert not (tmp_path / "model.safetensors").exists()
@@ -217,7 +212,7 @@ def test_integer_path_matches_fake_quantization(q, tmp_path):
     for name, layer in model.named_modules():
         if not isinstance(layer, PackedLinear):
             continue
-        xin = x if layer.weight.shape[1] == 128 else torch.randn(3, 5, layer.weight.shape[1])
+        xin = x if layer.in_features == 128 else torch.randn(3, 5, layer.in_features)
         with torch.no_grad():
             y_int = layer(xin)
             y_fake = fake[name](xin)
@@ -228,7 +223,8 @@ def test_integer_path_matches_fake_quantization(q, tmp_path):
 
                 x32 = hadamard_transform(x32)
             a = layer.act_quant(x32).double()
-            w = (layer.weight_codes * layer.weight_half_step.reshape(-1, 1)).double()
+            _, codes, half_step = layer._decoded()
+            w = (codes * half_step.reshape(-1, 1)).double()
             ref = a @ w.T
         assert torch.equal(y_int, ref.float()) or (y_int.double() - ref).abs().max() <= 1e-6 * ref.abs().max()
         bound = 2 * xin.shape[-1] * 2**-24 * (a.abs() @ w.abs().T).max()  # fp32 dot-product rounding bound
@@ -291,9 +287,10 @@ def test_reload_on_cuda_float_and_integer_paths(q, tmp_path):
     ids=lambda q: "bf16" if q is None else case_id(q),
 )
 def test_hugging_face_export_gives_the_same_logits(q, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers  # the [hf] extra: scripts/setup.sh installs it, so this never skips
+
     from quest_pl.config import ConfigError
-    from quest_pl.export import export_hf
+    from quest_pl.hub.llama import export_hf_dense as export_hf
     from quest_pl.quant import quant_layers
 
     module = qat_module(q)

@@ -94,6 +94,33 @@ def test_wheel_holds_one_top_level_name_with_configs_and_corpus(wheel):
 
 
 @pytest.mark.slow
+def test_wheel_resolves_on_cpu_without_triton_numpy_24_or_cuda_packages(wheel, tmp_path):
+    """What `pip install quest-pl[hf]` installs into a fresh venv on a CPU machine that has the CPU build of torch
+    (pinned, as scripts/setup.sh does): pip's own resolution (`--dry-run --report`, nothing downloaded but metadata).
+    No triton (torch's CUDA builds bring their own; the [triton] extra is for the interpreter), no numpy >= 2.4
+    (outside the tested range), no CUDA package, and transformers / compressed-tensors do not replace torch."""
+    import torch
+
+    pin = tmp_path / "torch-pin.txt"
+    pin.write_text(f"torch=={torch.__version__}\n")
+    report = tmp_path / "report.json"
+    cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+           "--report", str(report), "-c", str(pin), f"{wheel}[hf]"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    versions = {
+        item["metadata"]["name"].lower(): item["metadata"]["version"]
+        for item in json.loads(report.read_text())["install"]
+    }
+    assert versions["torch"] == torch.__version__
+    assert "triton" not in versions
+    major, minor = (int(p) for p in versions["numpy"].split(".")[:2])
+    assert (major, minor) < (2, 4), versions["numpy"]
+    assert not [name for name in versions if name.startswith(("nvidia-", "cuda-"))], sorted(versions)
+    assert "transformers" in versions and "compressed-tensors" in versions
+
+
+@pytest.mark.slow
 def test_fresh_venv_trains_smoke_in_the_cwd_and_quantizes_a_users_model(venv, tmp_path):
     work = tmp_path / "somewhere"
     work.mkdir()

@@ -73,7 +73,7 @@ def installs(text: str) -> list[str]:
 def test_gpu_machine_takes_the_cuda_build(tmp_path):
     out = plan(tmp_path, nvidia_smi=0, wheel=True)
     assert out.startswith("torch: CUDA build")
-    assert installs(out)[-1].endswith("-m pip install -q -e .[dev]")
+    assert installs(out)[-1].endswith("-m pip install -q -e .[dev,hf]")  # torch's CUDA build brings triton
     assert "cpu-constraints" not in out and CPU_INDEX not in out
 
 
@@ -81,7 +81,7 @@ def test_cpu_machine_with_the_local_wheel_pins_it(tmp_path):
     out = plan(tmp_path, nvidia_smi=None, wheel=True)
     assert out.startswith("torch: local CPU wheel torch==2.13.0+cpu")
     assert "echo 'torch==2.13.0+cpu' > .venv/.torch-pin.txt" in out
-    assert "-c requirements/cpu-constraints.txt -c .venv/.torch-pin.txt -e .[dev]" in installs(out)[-1]
+    assert "-c requirements/cpu-constraints.txt -c .venv/.torch-pin.txt -e .[dev,hf,triton]" in installs(out)[-1]
     assert CPU_INDEX not in out
 
 

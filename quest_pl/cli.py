@@ -187,10 +187,10 @@ def precheck(argv: list[str]) -> None:
         cfg = first if overrides is jobs[0] else compose_checked(overrides, parsed)
         validate(cfg)
         check_devices(cfg)
-        if not multirun:
-            check_bits_without_grid(cfg)
         m = cfg.model
         QuantConfig.from_cfg(cfg.quant, LlamaConfig(n_layer=m.n_layer, d_model=m.d_model, n_head=m.n_head))
+        if not multirun:  # after the values' own checks
+            check_bits_without_grid(cfg)
     out = Path(str(first.hydra.sweep.dir if multirun else first.hydra.run.dir)).expanduser()
     if out.exists() and not out.is_dir():
         key = "hydra.sweep.dir" if multirun else "hydra.run.dir"

@@ -22,6 +22,7 @@ from quest_pl.config import (
     expand_paths,
     validate,
 )
+from quest_pl.config.data import check_model_vocab_of
 from quest_pl.io import TMP_PREFIX, atomic_write_json
 from quest_pl.module import Diverged
 
@@ -243,6 +244,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     dm = build_datamodule(cfg)
     dm.prepare_data()
     dm.setup("fit")
+    check_model_vocab_of(cfg.model.vocab_size, dm.vocab_size, "the prepared data's tokenizer")  # a hub tokenizer
     apply_token_budget(cfg, len(dm.train_tokens))  # trainer.tokens / scale.tokens_per_param -> trainer.max_steps
     module = build_module(cfg, dm.vocab_size)
     if cfg.ckpt_path:

@@ -36,6 +36,15 @@ def inputs(tmp_path):
     (d / "corpus").mkdir()
     (d / "corpus" / "a.txt").mkdir()  # a directory whose name looks like a file
     (d / "a_file").write_text("x")
+    # a 400-token tokenizer, as a file and inside a data=bin directory
+    from tokenizers import Tokenizer, models
+
+    big = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(400)}, unk_token="w0"))
+    big.save(str(d / "big_tokenizer.json"))
+    (d / "bin").mkdir()
+    big.save(str(d / "bin" / "tokenizer.json"))
+    for split in ("train", "val"):
+        (d / "bin" / f"{split}.bin").write_bytes(bytes(2 * 1000))
     return d
 
 
@@ -82,8 +91,13 @@ BAD_INPUTS = [
     (["data.chunks_per_file=-3"], "data.chunks_per_file=-3"),
     (["data.num_workers=-1"], "data.num_workers=-1"),
     (["data.num_workers=abc"], "data.num_workers='abc'"),
-    (["model.vocab_size=300"], "model.vocab_size=300: smaller than the tokenizer's vocabulary (2048"),
+    (["model.vocab_size=300"], "model.vocab_size=300: smaller than the data's vocabulary (2048"),
     (["data.tokenizer_path={in}/not_a_tokenizer.json"], "not a tokenizers JSON file"),
+    # the vocabulary from every source the data can take it from, against model.vocab_size
+    (["model.vocab_size=300", "data.tokenizer={in}/big_tokenizer.json"], "smaller than the data's vocabulary (400"),
+    (["model.vocab_size=300", "data=bin", "data.path={in}/bin"], "smaller than the data's vocabulary (400"),
+    (["model.vocab_size=300", "data=bin", "data.path={in}/bin", "data.tokenizer={in}/big_tokenizer.json"], "(400"),
+    (["data.tokenizer={in}/garbage.json"], "data.tokenizer="),
     (["data.tokenizer_path={in}/nonexistent.json"], "no such file"),
     (["data.source=text_file", "data.path={in}/corpus/a.txt"], "a directory, not a file"),
     (["data.source=text_file"], "data.path"),

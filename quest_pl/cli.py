@@ -133,14 +133,14 @@ def main(cfg: DictConfig) -> float | None:
         if cfg.get("probe") is not None and cfg.probe.get("from"):  # alignment probe of a checkpoint (quest_pl.probe)
             from quest_pl.probe import run as run_probe
 
-            run_probe(cfg, run_dir)
+            run_probe(cfg, run_dir, overrides=list(hydra_cfg.overrides.task))
             return None
         from quest_pl.config import expand_paths
 
         if cfg.ptq.get("from"):  # data-free PTQ of a checkpoint instead of training
             from quest_pl.ptq import run as run_ptq
 
-            metrics = run_ptq(expand_paths(cfg), run_dir)
+            metrics = run_ptq(expand_paths(cfg), run_dir, overrides=list(hydra_cfg.overrides.task))
         elif cfg.get("eval") is not None and cfg.eval.get("from"):  # evaluate a checkpoint (quest_pl.evaluate)
             from quest_pl.evaluate import run as run_eval
 

@@ -73,6 +73,7 @@ from torch import Tensor, nn
 
 from quest_pl import quantizers
 from quest_pl.config import ConfigError
+from quest_pl.data.run import TOKENIZER_FILE, find_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,6 @@ FORMAT_VERSION = 2  # 2: group scales, MXFP4/NVFP4, the Hadamard block per layer
 READS_VERSIONS = (1, 2)
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.json"
 E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 
@@ -425,26 +425,6 @@ def module_from_checkpoint(
         raise ConfigError(f"{key}={str(ckpt_path)!r}: incompatible checkpoint ({what})")
     module.eval()
     return module, ckpt
-
-
-def find_tokenizer(ckpt_path: str | Path) -> Path | None:
-    """The tokenizer a checkpoint was trained with: ``<run dir>/tokenizer.json``, else the run's
-    ``data.tokenizer_path``, else the token cache its ``.hydra/config.yaml`` data config points to (rebuilt if gone)."""
-    from quest_pl.ptq import run_config_of
-
-    run_dir = Path(ckpt_path).resolve().parent.parent
-    if (run_dir / TOKENIZER_FILE).is_file():
-        return run_dir / TOKENIZER_FILE
-    cfg = run_config_of(ckpt_path)
-    if cfg is None:
-        return None
-    if cfg.data.get("tokenizer_path"):
-        return Path(cfg.data.tokenizer_path).expanduser()
-    from quest_pl.train import build_datamodule
-
-    dm = build_datamodule(cfg)
-    dm.prepare_data()
-    return dm.cache_path / TOKENIZER_FILE
 
 
 # -- export ---------------------------------------------------------------------------------------------------------

@@ -39,14 +39,7 @@ def resolve_precision(precision: str | None, accelerator: str) -> str:
 def build_datamodule(cfg: DictConfig):
     from quest_pl.data import LMDataModule
 
-    data = OmegaConf.to_container(cfg.data, resolve=True)
-    return LMDataModule(
-        **data,
-        seq_len=cfg.model.seq_len,
-        seed=cfg.seed,
-        accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
-        max_steps=cfg.trainer.max_steps,
-    )
+    return LMDataModule.from_config(cfg)
 
 
 def validation_datamodule(data_cfg: DictConfig, vocab_size: int, source: str):

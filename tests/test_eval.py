@@ -308,12 +308,22 @@ def test_eval_text_file_is_strict(trained, tmp_path):
 
 
 def test_cli_eval_contradicting_model_key_is_one_line(trained, tmp_path, monkeypatch, capsys):
+    import logging
+
     from tests.test_errors import files_under, run_cli_inprocess
 
     ckpt = trained[0] / "checkpoints" / "last.ckpt"
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    code, _, err = run_cli_inprocess(monkeypatch, capsys, cwd, f"eval.from={ckpt}", "model.n_layer=4")
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:  # the job configures logging (run.log in the run directory it then removes): restore it for later tests
+        code, _, err = run_cli_inprocess(monkeypatch, capsys, cwd, f"eval.from={ckpt}", "model.n_layer=4")
+    finally:
+        for handler in set(root.handlers) - set(handlers):
+            root.removeHandler(handler)
+            handler.close()
+        root.handlers[:], root.level = handlers, level
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: model.n_layer=4"), err
     assert files_under(cwd) == set()

@@ -25,17 +25,39 @@ EOS = "<|endoftext|>"
 EOS_NAMES = (EOS, "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>")
 
 
+# The longest pre-token (in bytes) BPE trains on and encodes: a longer unbroken run (a 1 MB line of letters, a long
+# rule of dashes) is cut into pieces of this length. BPE training is quadratic in the length of a word (each merge
+# rescans it), so one 1 MB "word" took minutes; cut, the time is linear in the text (BENCHMARKS.md, "BPE training on
+# one long line"). Natural-language words are far shorter, so ordinary text tokenizes as before.
+MAX_PRETOKEN = 64
+
+
+def pre_tokenizer():
+    """GPT-2's byte-level pre-tokenization, then every pre-token cut into pieces of at most :data:`MAX_PRETOKEN`
+    characters (one per byte after the byte-level mapping)."""
+    from tokenizers import Regex, pre_tokenizers
+
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+            pre_tokenizers.Split(Regex(f".{{1,{MAX_PRETOKEN}}}"), behavior="isolated"),
+        ]
+    )
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int, length: int | None = None):
-    """Byte-level BPE trained on ``texts`` (streamed; ``tokenizers``); ``EOS`` separates documents."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """Byte-level BPE trained on ``texts`` (streamed; ``tokenizers``); ``EOS`` separates documents; pre-tokens are
+    at most :data:`MAX_PRETOKEN` bytes long."""
+    from tokenizers import Tokenizer, decoders, models, trainers
+    from tokenizers.pre_tokenizers import ByteLevel
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizer()
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=[EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        initial_alphabet=ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer, length=length)

@@ -327,3 +327,17 @@ def test_cli_eval_contradicting_model_key_is_one_line(trained, tmp_path, monkeyp
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: model.n_layer=4"), err
     assert files_under(cwd) == set()
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused(trained, tmp_path, capsys):
+    """generate --tokenizer with more tokens than the checkpoint's embedding rows: one line, not an IndexError."""
+    from tokenizers import Tokenizer, models
+
+    from quest_pl.generate import main as generate_main
+
+    big = tmp_path / "big.json"
+    Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(3000)}, unk_token="w0")).save(str(big))
+    ckpt = str(trained[0] / "checkpoints" / "last.ckpt")
+    assert generate_main([ckpt, "--tokenizer", str(big), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has 3000 tokens, more than the checkpoint's vocabulary (2048)" in err[0]

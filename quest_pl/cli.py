@@ -170,7 +170,7 @@ def precheck(argv: list[str]) -> None:
     from hydra._internal.utils import get_args_parser
     from hydra.types import RunMode
 
-    from quest_pl.config import check_bits_without_grid, check_devices, validate
+    from quest_pl.config import check_devices, check_rules, validate
     from quest_pl.model import LlamaConfig
     from quest_pl.overrides import compose_checked, job_overrides
     from quest_pl.quant import QuantConfig
@@ -190,7 +190,7 @@ def precheck(argv: list[str]) -> None:
         m = cfg.model
         QuantConfig.from_cfg(cfg.quant, LlamaConfig(n_layer=m.n_layer, d_model=m.d_model, n_head=m.n_head))
         if not multirun:  # after the values' own checks
-            check_bits_without_grid(cfg)
+            check_rules(cfg)
     out = Path(str(first.hydra.sweep.dir if multirun else first.hydra.run.dir)).expanduser()
     if out.exists() and not out.is_dir():
         key = "hydra.sweep.dir" if multirun else "hydra.run.dir"

@@ -119,6 +119,7 @@ BAD_INPUTS = [
     (["quant=bf16", "quant.backward=sr"], "quant.backward='sr': needs a quantizer grid"),
     (["quant=bf16", "quant.group_size=32"], "quant.group_size=32: needs a quantizer grid"),
     (["grad_comm.marina_p=0.5"], "grad_comm.marina_p=0.5: acts only with a compressed gradient hook"),
+    (["grad_comm.hook=correlated"], "grad_comm.hook='correlated': a DDP communication hook; needs trainer.strategy"),
     (["quant=lsq_w4a4", "quant.learned_init_steps=30"], "quant.learned_init_steps=30: expected fewer than"),
     (["quant=lsq_w4a4", "trainer.tokens=1e30"], "trainer.tokens=1e+30"),
     (["quant=lsq_w4a4", "quant.learned_init_steps=40", "compile=true"], "quant.learned_init_steps=40: expected 0 with"),

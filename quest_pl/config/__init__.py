@@ -35,7 +35,6 @@ from quest_pl.config.trainer import (
     validate_trainer,
 )
 from quest_pl.config.validation import (
-    check_bits_without_grid,
     check_rules,
     learned_init_compile_error,
     validate,
@@ -54,7 +53,6 @@ __all__ = [
     "TRAINER_KNOWN",
     "ConfigError",
     "check",
-    "check_bits_without_grid",
     "check_checkpoint",
     "check_devices",
     "check_hub_reachable",

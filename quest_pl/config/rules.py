@@ -111,7 +111,13 @@ RULES: tuple[Rule, ...] = (
         "re-initialises learned scales, and no operand has one; use a learned-scale config (e.g. quant=lsq_w4a4)",
         per_arm=True,
     ),
-    # gradient communication options without a compressed hook
+    # gradient communication: a DDP hook without DDP, options without a compressed hook
+    Rule(
+        "grad_comm.hook",
+        _differs("none"),
+        _equals("trainer.strategy", "ddp", "ddp_spawn"),
+        "a DDP communication hook; needs trainer.strategy=ddp or ddp_spawn",
+    ),
     *(
         Rule(f"grad_comm.{k}", _differs(d), _equals("grad_comm.hook", "quantized", "correlated"), _COMPRESSED)
         for k, d in (("bits", 4), ("chunk", 1024), ("marina_p", 1.0))

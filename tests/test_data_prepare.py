@@ -355,7 +355,9 @@ def _prepare_cli(tmp_path, capsys, *extra):
 
 
 def test_prepare_with_an_unreadable_file_is_one_line(tmp_path, monkeypatch, capsys):
-    real_open = open
+    import builtins
+
+    real_open = builtins.open
     target = os.path.join(tmp_path, "corpus", "doc003.txt")
 
     def deny(file, *a, **kw):  # the tests may run as root, which chmod does not stop
@@ -363,7 +365,7 @@ def test_prepare_with_an_unreadable_file_is_one_line(tmp_path, monkeypatch, caps
             raise PermissionError(13, "Permission denied", str(file))
         return real_open(file, *a, **kw)
 
-    monkeypatch.setattr(sources, "open", deny, raising=False)
+    monkeypatch.setattr(builtins, "open", deny)  # every reader: the cache key's digest, then the decoding
     code, lines = _prepare_cli(tmp_path, capsys)
     assert code == 2 and lines[-1].startswith("error: data.path: cannot read ") and "doc003.txt" in lines[-1]
     assert "Traceback" not in "\n".join(lines)

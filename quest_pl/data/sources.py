@@ -37,7 +37,7 @@ class Document:
     text: str
 
 
-def _blocks(file: str, key: str) -> Iterator[bytes]:
+def read_blocks(file: str | os.PathLike, key: str = "data.path") -> Iterator[bytes]:
     """The bytes of ``file`` in blocks of ``READ_BLOCK``; a file that cannot be read is one line naming it."""
     try:
         with open(file, "rb") as f:
@@ -52,7 +52,7 @@ def decoded_blocks(file: str, encoding: str = "utf-8", key: str = "data.path") -
     sequence that is not valid ``encoding`` is one line naming ``key``, the file and the byte offset."""
     decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
     consumed = 0  # bytes handed to the decoder before this block
-    for raw in _with_end(_blocks(file, key)):
+    for raw in _with_end(read_blocks(file, key)):
         pending = len(decoder.getstate()[0])  # undecoded bytes carried over from the previous block
         try:
             text = decoder.decode(raw, final=not raw)
@@ -97,7 +97,7 @@ def _split_nl(text: str) -> list[str]:
 
 def _count_lines(file: str) -> int:
     n, last = 0, b"\n"
-    for raw in _blocks(file, "data.path"):
+    for raw in read_blocks(file):
         n += raw.count(b"\n")
         last = raw[-1:]
     return n + (last != b"\n")

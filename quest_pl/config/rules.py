@@ -72,10 +72,10 @@ _COMPRESSED = "acts only with a compressed gradient hook: set grad_comm.hook=qua
 
 RULES: tuple[Rule, ...] = (
     # quantization keys without a grid: the run would be plain BF16
-    *(Rule(f"quant.{k}", _not_null, _quantized, _GRID, per_arm=True) for k in ("bits", "w_bits", "a_bits")),
-    *(Rule(f"quant.{k}", _not_null, _quantized, _GRID, per_arm=True) for k in ("w_grid", "a_grid")),
-    Rule("quant.group_size", _not_null, _quantized, _GRID, per_arm=True),
-    Rule("quant.scale_rule", _not_null, _quantized, _GRID, per_arm=True),
+    *(
+        Rule(f"quant.{k}", _not_null, _quantized, _GRID, per_arm=True)
+        for k in ("bits", "w_bits", "a_bits", "w_grid", "a_grid", "group_size", "scale_rule")
+    ),
     Rule("quant.backward", _differs("none"), _quantized, _GRID, per_arm=True),
     Rule("quant.hadamard", _differs(False), _quantized, _GRID, per_arm=True),
     Rule(

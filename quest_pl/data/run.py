@@ -21,7 +21,7 @@ from quest_pl.config import ConfigError, validate_data
 log = logging.getLogger(__name__)
 
 TOKENIZER_KEYS = ("data.tokenizer", "data.tokenizer_path")
-TOKENIZER_FILE = "tokenizer.json"  # a run's own tokenizer, beside its checkpoints/ (written by LMDataModule.setup)
+TOKENIZER_FILE = "tokenizer.json"  # a run's own tokenizer, beside its checkpoints/ (LMDataModule.save_tokenizer)
 
 
 def run_config_of(ckpt_path: str | Path) -> DictConfig | None:

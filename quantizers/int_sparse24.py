@@ -21,6 +21,7 @@ from quest_pl.quantizers.gaussian_mse import GaussianMSE
 
 GROUP = 4
 KEEP = 2
+POSITION_BITS = 2  # a kept element's index within its group of 4, as the packed export stores it
 
 
 def two_four_keep_mask(x: Tensor) -> Tensor:
@@ -41,6 +42,13 @@ class IntSparse24(GaussianMSE):
     def _quantize(self, x32: Tensor, rms: Tensor) -> QuantOutput:
         dense = super()._quantize(x32, rms)
         return dense._replace(values=torch.where(two_four_keep_mask(x32), dense.values, 0.0))
+
+    def bits_per_element(self, row_length: int, numel: int | None = None) -> float:
+        """What a packed weight stores per element: the ``bits``-bit codes of the 2 kept elements of every 4, and each
+        kept element's 2-bit position within its group (``bits / 2 + 1``), plus the scale (``Grid.bits_per_element``).
+        At 4 bits 3 bits per element, not 4: the pruned half is not stored."""
+        dense = super().bits_per_element(row_length, numel)
+        return dense - float(self.bits) + KEEP * (float(self.bits) + POSITION_BITS) / GROUP
 
     def _theory_integrand(self, fn):
         """An element with |z| = t is kept iff at most one of the 3 others is larger: K = (1-p)^3 + 3p(1-p)^2,

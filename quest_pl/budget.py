@@ -7,10 +7,10 @@ import logging
 
 from omegaconf import DictConfig
 
-from quest_pl.config import ConfigError
 from quest_pl.config.budget import (  # noqa: F401  (public here as before: quest_pl.budget.tokens_per_step, ...)
     budget_steps,
     budgeted_max_steps,
+    check_budget,
     non_embedding_params,
     planned_tokens,
     tokens_per_step,
@@ -26,11 +26,7 @@ def apply_token_budget(cfg: DictConfig, train_tokens: int | None = None) -> int:
     step_tokens = tokens_per_step(cfg)
     tokens = planned_tokens(cfg)
     if tokens is not None:
-        steps = budget_steps(tokens, step_tokens)
-        if steps < 1:
-            raise ConfigError(
-                f"trainer.tokens: a budget of {tokens:.4g} tokens is less than one step of {step_tokens:,} tokens"
-            )
+        steps = check_budget(cfg)
         if steps != cfg.trainer.max_steps:
             log.info(
                 "Token budget %.4g tokens / %s tokens per step: trainer.max_steps = %d (replaces %d)",

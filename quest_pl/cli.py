@@ -133,14 +133,14 @@ def main(cfg: DictConfig) -> float | None:
         if cfg.get("probe") is not None and cfg.probe.get("from"):  # alignment probe of a checkpoint (quest_pl.probe)
             from quest_pl.probe import run as run_probe
 
-            run_probe(cfg, run_dir)
+            run_probe(cfg, run_dir, overrides=list(hydra_cfg.overrides.task))
             return None
         from quest_pl.config import expand_paths
 
         if cfg.ptq.get("from"):  # data-free PTQ of a checkpoint instead of training
             from quest_pl.ptq import run as run_ptq
 
-            metrics = run_ptq(expand_paths(cfg), run_dir)
+            metrics = run_ptq(expand_paths(cfg), run_dir, overrides=list(hydra_cfg.overrides.task))
         elif cfg.get("eval") is not None and cfg.eval.get("from"):  # evaluate a checkpoint (quest_pl.evaluate)
             from quest_pl.evaluate import run as run_eval
 
@@ -170,7 +170,7 @@ def precheck(argv: list[str]) -> None:
     from hydra._internal.utils import get_args_parser
     from hydra.types import RunMode
 
-    from quest_pl.config import check_bits_without_grid, check_devices, validate
+    from quest_pl.config import check_devices, check_rules, validate
     from quest_pl.model import LlamaConfig
     from quest_pl.overrides import compose_checked, job_overrides
     from quest_pl.quant import QuantConfig
@@ -187,10 +187,10 @@ def precheck(argv: list[str]) -> None:
         cfg = first if overrides is jobs[0] else compose_checked(overrides, parsed)
         validate(cfg)
         check_devices(cfg)
-        if not multirun:
-            check_bits_without_grid(cfg)
         m = cfg.model
         QuantConfig.from_cfg(cfg.quant, LlamaConfig(n_layer=m.n_layer, d_model=m.d_model, n_head=m.n_head))
+        if not multirun:  # after the values' own checks
+            check_rules(cfg)
     out = Path(str(first.hydra.sweep.dir if multirun else first.hydra.run.dir)).expanduser()
     if out.exists() and not out.is_dir():
         key = "hydra.sweep.dir" if multirun else "hydra.run.dir"

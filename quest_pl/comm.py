@@ -14,10 +14,16 @@ PowerSGD and the fp16 hook) by an exchange of b-bit codes (b = 2, 4 or 8):
 
 ``quantized`` draws each rank's u independently. ``correlated`` is the correlated quantizer of Suresh et al. (2022),
 as analysed for MARINA by Panferov et al.: for every coordinate the ranks share a random bijection pi of {0..n-1}
-(here a random cyclic shift) and rank i uses u_i = (pi(i) + gamma_i) / n with its own gamma_i ~ U[0, 1). Each u_i is
-still uniform (the code stays unbiased), but the n values are stratified, one in each interval [k/n, (k+1)/n), so the
-ranks' rounding errors partly cancel in the mean: for n ranks holding the same value the error of the mean is at most
-one level spacing divided by n, against a sum of n independent errors.
+(uniform over all n! permutations, drawn independently for every coordinate) and rank i uses u_i = (pi(i) + gamma_i) / n
+with its own gamma_i ~ U[0, 1). Each u_i is still uniform (the code stays unbiased), but the n values are stratified,
+one in each interval [k/n, (k+1)/n), so the ranks' rounding errors partly cancel in the mean: for n ranks holding the
+same value the error of the mean is at most one level spacing divided by n, against a sum of n independent errors.
+For any inputs the error is never larger than with independent rounding: under a uniform permutation the pair of
+strata of two ranks is uniform over the n (n - 1) distinct pairs, and the covariance of their round-up indicators,
+(n a b - sum_k h_a(k) h_b(k)) / (n (n - 1)) with h_a(k) = clamp(n a - k, 0, 1) nonincreasing in k, is <= 0 by
+Chebyshev's sum inequality (docs/METHOD.md §3.1). A cheaper random cyclic shift of the
+strata lacks that property: two ranks keep a fixed offset of strata, and some inputs get a larger error than independent
+rounding.
 
 Optionally (``marina_p`` < 1), MARINA's compressed gradient differences: with probability ``marina_p`` (a coin shared
 by all ranks) a step exchanges the full fp32 gradient; otherwise each rank sends Q(g_t - g_{t-1}) and every rank
@@ -26,7 +32,9 @@ one; its variance grows between full exchanges, which ``marina_p`` bounds.
 
 Bytes on the wire per step and rank, for N gradient entries and n ranks: a ring all-gather of N b / 8 bytes of codes
 per rank ((n - 1) N b / 8 sent and received) plus an all-reduce of 4 N / chunk bytes of ranges; an fp32 ring
-all-reduce moves about 2 (n - 1) / n * 4 N bytes, fp16 half of that. :func:`wire_bytes` computes these.
+all-reduce moves about 2 (n - 1) / n * 4 N bytes, fp16 half of that; with MARINA a step is a full fp32 exchange with
+probability ``marina_p``. :func:`wire_bytes` computes the expected bytes; :class:`CompressionState` counts the bytes its
+hook actually moved in the last step (``last_step_bytes``), which is what the training log reports.
 """
 
 from __future__ import annotations
@@ -70,12 +78,24 @@ def stochastic_codes(
     low = y.floor().clamp_(0, levels - 2)
     frac = y - low
     gamma = torch.rand(y.shape, generator=local, device=y.device, dtype=torch.float32)
-    if correlated:
-        shift = torch.randint(0, world, y.shape, generator=shared, device=y.device, dtype=torch.int64)
-        u = (((shift + rank) % world).to(torch.float32) + gamma) / world
-    else:
-        u = gamma
+    u = (shared_strata(y.shape, rank, world, shared).to(torch.float32) + gamma) / world if correlated else gamma
     return (low + (u < frac).to(low.dtype)).to(torch.uint8)
+
+
+def shared_strata(shape: torch.Size, rank: int, world: int, shared: torch.Generator) -> Tensor:
+    """pi(rank) for an independent uniform random permutation pi of {0..world-1} per coordinate, the same pi on every
+    rank (``shared`` is seeded identically everywhere). Each rank j draws a key k_j ~ U[0, 1) per coordinate from the
+    shared stream, and pi(rank) is the rank of k_rank among the keys (ties broken by rank index), so pi is uniform.
+    The keys are drawn one rank at a time, memory O(numel) whatever the world size."""
+    start = shared.get_state()
+    for _ in range(rank + 1):
+        own = torch.rand(shape, generator=shared, device=shared.device)
+    shared.set_state(start)
+    stratum = torch.zeros(shape, dtype=torch.int64, device=shared.device)
+    for j in range(world):
+        key = torch.rand(shape, generator=shared, device=shared.device)
+        stratum += (key < own) if j >= rank else (key <= own)
+    return stratum
 
 
 @dataclass
@@ -92,6 +112,8 @@ class CompressionState:
     marina_p: float = 1.0
     process_group: dist.ProcessGroup | None = None
     step: int = 0
+    last_step_bytes: float | None = None  # bytes this rank sent in the last completed step (all buckets)
+    _step_bytes: float = 0.0
     _local: dict = field(default_factory=dict, repr=False)
     _marina: dict = field(default_factory=dict, repr=False)
 
@@ -131,6 +153,7 @@ def compressed_mean(state: CompressionState, g: Tensor, key: int = 0) -> Tensor:
     packed = pack_codes(codes, state.bits)
     gathered = [torch.empty_like(packed) for _ in range(world)]
     dist.all_gather(gathered, packed, group=group)
+    state._step_bytes += (world - 1) * packed.numel() + _allreduce_bytes(rng.numel() * 4, world)
     total = sum(unpack_codes(p, state.bits, codes.numel()).to(torch.float32) for p in gathered)
     mean = (total.view_as(chunks) / world) * step - rng.unsqueeze(1)
     return mean.flatten()[:n].to(g.dtype)
@@ -144,6 +167,7 @@ def marina_mean(state: CompressionState, g: Tensor, key: int) -> Tensor:
     if prev is None or prev[0].shape != g.shape or coin < state.marina_p:
         estimate = g.detach().to(torch.float32).clone()
         dist.all_reduce(estimate, group=group)
+        state._step_bytes += _allreduce_bytes(estimate.numel() * 4, dist.get_world_size(group))
         estimate /= dist.get_world_size(group)
     else:
         local_prev, estimate_prev = prev
@@ -159,6 +183,7 @@ def compressed_allreduce_hook(state: CompressionState, bucket):  # no annotation
     mean = marina_mean(state, g, key) if state.marina_p < 1 else compressed_mean(state, g, key)
     if bucket.is_last():
         state.step += 1
+        state.last_step_bytes, state._step_bytes = state._step_bytes, 0.0
     fut = torch.futures.Future()
     fut.set_result(mean)
     return fut
@@ -178,13 +203,23 @@ def register(ddp_model, hook: str, bits: int = 4, chunk: int = 1024, seed: int =
     return state
 
 
-def wire_bytes(numel: int, world: int, hook: str, bits: int = 4, chunk: int = 1024) -> dict[str, float]:
-    """Bytes one rank sends and receives per step for ``numel`` gradient entries (ring all-reduce for fp32/fp16)."""
+def _allreduce_bytes(nbytes: int, world: int) -> float:
+    """Bytes one rank sends (and receives) in a ring all-reduce of ``nbytes``."""
+    return 2 * (world - 1) / world * nbytes
+
+
+def wire_bytes(
+    numel: int, world: int, hook: str, bits: int = 4, chunk: int = 1024, marina_p: float = 1.0
+) -> dict[str, float]:
+    """Expected bytes one rank sends and receives per step for ``numel`` gradient entries in one bucket (ring
+    all-reduce for fp32/fp16; with ``marina_p`` < 1, a full fp32 exchange with probability ``marina_p``)."""
     if hook in ("none", "fp16"):
-        width = 4 if hook == "none" else 2
-        sent = 2 * (world - 1) / world * numel * width
+        sent = _allreduce_bytes(numel * (4 if hook == "none" else 2), world)
         return {"sent": sent, "received": sent}
-    codes = -(-numel // (8 // bits))
-    ranges = 4 * -(-numel // chunk)
-    moved = (world - 1) * codes + 2 * (world - 1) / world * ranges  # ring all-gather + ring all-reduce of ranges
+    chunks = -(-numel // chunk)
+    codes = -(-chunks * chunk // (8 // bits))  # the codes of the chunk-padded bucket
+    ranges = 4 * chunks
+    moved = (world - 1) * codes + _allreduce_bytes(ranges, world)  # ring all-gather + ring all-reduce of ranges
+    if marina_p < 1:
+        moved = marina_p * _allreduce_bytes(4 * numel, world) + (1 - marina_p) * moved
     return {"sent": moved, "received": moved}

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from quest_pl.config import ConfigError, check, positive_int
+from quest_pl.data.sources import read_text, text_files
 
 log = logging.getLogger(__name__)
 
@@ -77,18 +78,22 @@ def validate_eval(cfg: DictConfig) -> None:
     check(cfg, "eval.allow_quant_change", lambda v: isinstance(v, bool), "true or false")
     positive_int(cfg, "eval.batch_size")
     pattern = check(cfg, "eval.text_file", lambda v: isinstance(v, str) and v != "", "null or a file/glob", True)
-    if pattern is not None and not glob.glob(os.path.expanduser(pattern), recursive=True):
-        raise ConfigError(f"eval.text_file={pattern!r}: no file matches")
+    if pattern is not None and not text_files(pattern):
+        what = "only directories match" if glob.glob(os.path.expanduser(pattern), recursive=True) else "no file matches"
+        raise ConfigError(f"eval.text_file={pattern!r}: {what} (a directory is not a text: use DIR/*.txt)")
 
 
-def text_file_loss(model, tokenizer, pattern: str, seq_len: int, batch_size: int) -> tuple[float, int]:
-    """(mean next-token loss, tokens scored) over every token of the files matching ``pattern``."""
+def text_file_loss(
+    model, tokenizer, pattern: str, seq_len: int, batch_size: int, encoding: str = "utf-8"
+) -> tuple[float, int]:
+    """(mean next-token loss, tokens scored) over every token of the files matching ``pattern``, decoded strictly in
+    ``encoding`` (``data.encoding``)."""
     from quest_pl.data import EOS
 
     eos = tokenizer.token_to_id(EOS)
     ids: list[int] = []
-    for path in sorted(glob.glob(os.path.expanduser(pattern), recursive=True)):
-        ids += [*tokenizer.encode(Path(path).read_text(encoding="utf-8", errors="replace")).ids, eos]
+    for path in text_files(pattern):
+        ids += [*tokenizer.encode(read_text(path, encoding, key="eval.text_file")).ids, eos]
     tokens = torch.tensor(ids, dtype=torch.long)
     if len(tokens) < 2:
         raise ConfigError(f"eval.text_file={pattern!r}: fewer than 2 tokens")
@@ -113,11 +118,11 @@ def text_file_loss(model, tokenizer, pattern: str, seq_len: int, batch_size: int
 def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> dict:
     """Evaluate ``cfg.eval.from`` (see the module docstring); returns and writes the metrics."""
     import lightning as L
-    from tokenizers import Tokenizer
 
-    from quest_pl.export import find_tokenizer, module_from_checkpoint
+    from quest_pl.data.run import check_model_overrides, data_config, find_tokenizer, load_tokenizer
+    from quest_pl.export import module_from_checkpoint
     from quest_pl.io import atomic_write_json
-    from quest_pl.ptq import load_checkpoint, run_config_of
+    from quest_pl.ptq import load_checkpoint
     from quest_pl.train import resolve_precision, validation_datamodule
 
     start = time.perf_counter()
@@ -125,6 +130,9 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None =
     validate_eval(cfg)
     ckpt_path = cfg.eval["from"]
     ckpt = load_checkpoint(ckpt_path, key="eval.from")
+    model_hp = ckpt["hyper_parameters"]["model"]
+    key = f"eval.from={ckpt_path!r}"
+    check_model_overrides(cfg, model_hp, overrides, key)
     own_quant = ckpt["hyper_parameters"].get("quant")
     quant = own_quant
     if _overridden(overrides, "quant"):
@@ -149,32 +157,22 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None =
         ckpt_path, quant=quant, key="eval.from", kernel=None, strict_quantizers=quant is own_quant
     )
     step = int(ckpt.get("global_step", 0))
-    model_hp = ckpt["hyper_parameters"]["model"]
-    tokenizer_path = find_tokenizer(ckpt_path)
     accelerator, precision = cfg.trainer.accelerator, cfg.trainer.precision
     metrics: dict = {"checkpoint": str(Path(ckpt_path).resolve()), "step": step, "quant": (quant or {}).get("name")}
     if cfg.eval.text_file:
+        tokenizer_path = find_tokenizer(ckpt_path)
         if tokenizer_path is None:
-            raise ConfigError(f"eval.from={ckpt_path!r}: no tokenizer found beside the checkpoint or in its run config")
+            raise ConfigError(f"{key}: no tokenizer found beside the checkpoint or in its run config")
+        tokenizer = load_tokenizer(tokenizer_path, key, model_hp["vocab_size"])
         device = "cuda" if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu"
         model = module.model.to(device).eval()
         loss, count = text_file_loss(
-            model, Tokenizer.from_file(str(tokenizer_path)), cfg.eval.text_file, model_hp["seq_len"],
-            cfg.eval.batch_size,
-        )  # fmt: skip
+            model, tokenizer, cfg.eval.text_file, model_hp["seq_len"], cfg.eval.batch_size, cfg.data.encoding
+        )
         metrics |= {"val/loss": loss, "val/ppl": math.exp(loss), "tokens": count, "data": cfg.eval.text_file}
     else:
-        data_cfg = cfg if _overridden(overrides, "data") else run_config_of(ckpt_path)
-        if data_cfg is None:
-            log.info("no .hydra/config.yaml beside %s: evaluating on the composed data config", ckpt_path)
-            data_cfg = cfg
+        data_cfg = data_config(cfg, ckpt_path, key, overrides, model_hp["vocab_size"])
         data_cfg = OmegaConf.merge(data_cfg, {"model": {"seq_len": model_hp["seq_len"]}})
-        if data_cfg is cfg or _overridden(overrides, "data"):
-            from quest_pl.config import validate
-
-            validate(cfg)
-            if not data_cfg.data.get("tokenizer_path") and tokenizer_path is not None:
-                data_cfg.data.tokenizer_path = str(tokenizer_path)  # the checkpoint's own tokenizer
         dm = validation_datamodule(data_cfg, model_hp["vocab_size"], f"eval.from={ckpt_path!r}")
         trainer = L.Trainer(
             accelerator=accelerator,

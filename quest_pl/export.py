@@ -26,6 +26,7 @@ from torch import nn
 
 from quest_pl.config import ConfigError
 from quest_pl.convert import convert_, layer_table, packed_layers
+from quest_pl.data.run import find_tokenizer
 from quest_pl.io import TMP_PREFIX, atomic_write_bytes, atomic_write_json, atomic_write_text
 from quest_pl.saving import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, load_packed, read_packed, serialize
 
@@ -71,26 +72,6 @@ def module_from_checkpoint(
         raise ConfigError(f"{key}={str(ckpt_path)!r}: incompatible checkpoint ({what})")
     module.eval()
     return module, ckpt
-
-
-def find_tokenizer(ckpt_path: str | Path) -> Path | None:
-    """The tokenizer a checkpoint was trained with: ``<run dir>/tokenizer.json``, else the run's
-    ``data.tokenizer_path``, else the token cache its ``.hydra/config.yaml`` data config points to (rebuilt if gone)."""
-    from quest_pl.ptq import run_config_of
-
-    run_dir = Path(ckpt_path).resolve().parent.parent
-    if (run_dir / TOKENIZER_FILE).is_file():
-        return run_dir / TOKENIZER_FILE
-    cfg = run_config_of(ckpt_path)
-    if cfg is None:
-        return None
-    if cfg.data.get("tokenizer_path"):
-        return Path(cfg.data.tokenizer_path).expanduser()
-    from quest_pl.train import build_datamodule
-
-    dm = build_datamodule(cfg)
-    dm.prepare_data()
-    return dm.cache_path / TOKENIZER_FILE
 
 
 # -- export ---------------------------------------------------------------------------------------------------------

@@ -57,8 +57,8 @@ def generate(
 
 def load_for_generation(path: str | Path, tokenizer: str | Path | None = None, device: str = "cpu"):
     """(model, tokenizer) of a checkpoint (its quantized forward) or of a packed export directory."""
-    from quest_pl.data.tokenizer import load_tokenizer_file
-    from quest_pl.export import find_tokenizer, module_from_checkpoint
+    from quest_pl.data.run import find_tokenizer, load_tokenizer
+    from quest_pl.export import module_from_checkpoint
     from quest_pl.saving import MODEL_FILE, TOKENIZER_FILE, load_packed
 
     path = Path(path)
@@ -71,7 +71,8 @@ def load_for_generation(path: str | Path, tokenizer: str | Path | None = None, d
         tokenizer = tokenizer or find_tokenizer(path)
     if tokenizer is None:
         raise ConfigError(f"checkpoint={str(path)!r}: no tokenizer found (pass --tokenizer PATH/tokenizer.json)")
-    return model.to(device).eval(), load_tokenizer_file(Path(tokenizer), key="tokenizer")
+    tok = load_tokenizer(tokenizer, f"checkpoint={str(path)!r}", model.cfg.vocab_size)
+    return model.to(device).eval(), tok
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -234,12 +234,14 @@ def table(summaries: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def run(cfg: DictConfig, run_dir: str | Path) -> dict:
-    """``python run.py probe.from=CKPT probe.quant=[...]``: see the module docstring. Returns the summaries."""
+def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> dict:
+    """``python run.py probe.from=CKPT probe.quant=[...]``: see the module docstring (the data: the run's own, with
+    the ``data.*`` overrides merged over it, :mod:`quest_pl.data.run`). Returns the summaries."""
     from quest_pl.callbacks.figures import save_both
+    from quest_pl.data.run import check_model_overrides, data_config
     from quest_pl.io import atomic_write_csv as write_csv
     from quest_pl.io import atomic_write_text
-    from quest_pl.ptq import load_checkpoint, module_from_checkpoint, run_config_of
+    from quest_pl.ptq import load_checkpoint, module_from_checkpoint
 
     ckpt_path, names, n_batches, device = check(cfg)
     key = f"probe.from={ckpt_path!r}"
@@ -254,13 +256,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     start = time.perf_counter()
     ckpt = load_checkpoint(ckpt_path, key="probe.from")
     fp_module = module_from_checkpoint(ckpt, ckpt_path, key="probe.from").float().eval()
-    data_cfg = run_config_of(ckpt_path)
-    if data_cfg is None:
-        from quest_pl.config import validate
-
-        validate(cfg)
-        data_cfg = cfg
     hp = ckpt["hyper_parameters"]["model"]
+    check_model_overrides(cfg, hp, overrides, key)
+    data_cfg = data_config(cfg, ckpt_path, key, overrides, hp["vocab_size"])
     batches = validation_batches(data_cfg, n_batches, hp["seq_len"], hp["vocab_size"], key)
     results, summaries, fp_grads = {}, {}, {}
     for name, q in quants.items():

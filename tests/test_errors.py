@@ -36,6 +36,15 @@ def inputs(tmp_path):
     (d / "corpus").mkdir()
     (d / "corpus" / "a.txt").mkdir()  # a directory whose name looks like a file
     (d / "a_file").write_text("x")
+    # a 400-token tokenizer, as a file and inside a data=bin directory
+    from tokenizers import Tokenizer, models
+
+    big = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(400)}, unk_token="w0"))
+    big.save(str(d / "big_tokenizer.json"))
+    (d / "bin").mkdir()
+    big.save(str(d / "bin" / "tokenizer.json"))
+    for split in ("train", "val"):
+        (d / "bin" / f"{split}.bin").write_bytes(bytes(2 * 1000))
     return d
 
 
@@ -82,8 +91,13 @@ BAD_INPUTS = [
     (["data.chunks_per_file=-3"], "data.chunks_per_file=-3"),
     (["data.num_workers=-1"], "data.num_workers=-1"),
     (["data.num_workers=abc"], "data.num_workers='abc'"),
-    (["model.vocab_size=300"], "model.vocab_size=300: smaller than the tokenizer's vocabulary (2048"),
+    (["model.vocab_size=300"], "model.vocab_size=300: smaller than the data's vocabulary (2048"),
     (["data.tokenizer_path={in}/not_a_tokenizer.json"], "not a tokenizers JSON file"),
+    # the vocabulary from every source the data can take it from, against model.vocab_size
+    (["model.vocab_size=300", "data.tokenizer={in}/big_tokenizer.json"], "smaller than the data's vocabulary (400"),
+    (["model.vocab_size=300", "data=bin", "data.path={in}/bin"], "smaller than the data's vocabulary (400"),
+    (["model.vocab_size=300", "data=bin", "data.path={in}/bin", "data.tokenizer={in}/big_tokenizer.json"], "(400"),
+    (["data.tokenizer={in}/garbage.json"], "data.tokenizer="),
     (["data.tokenizer_path={in}/nonexistent.json"], "no such file"),
     (["data.source=text_file", "data.path={in}/corpus/a.txt"], "a directory, not a file"),
     (["data.source=text_file"], "data.path"),
@@ -99,12 +113,21 @@ BAD_INPUTS = [
     (["quant.w_bits=abc"], "quant.w_bits='abc'"),
     (["quant.grid=nf4"], "quant.grid='nf4'"),
     (["quant.learned_init_steps=-1"], "quant.learned_init_steps=-1: expected an integer >= 0"),
-    (["quant.learned_init_steps=40"], "quant.learned_init_steps=40: expected 0, as no quantized operand"),
-    (["quant=bf16", "quant.learned_init_steps=40"], "quant.learned_init_steps=40: expected 0, as quant.grid is null"),
+    (["quant.learned_init_steps=10"], "quant.learned_init_steps=10: expected 0, as no quantized operand"),
+    (["quant=bf16", "quant.learned_init_steps=40"], "quant.learned_init_steps=40: re-initialises learned scales"),
+    # keys that act only with another (quest_pl.config.rules)
+    (["quant=bf16", "quant.backward=sr"], "quant.backward='sr': needs a quantizer grid"),
+    (["quant=bf16", "quant.group_size=32"], "quant.group_size=32: needs a quantizer grid"),
+    (["grad_comm.marina_p=0.5"], "grad_comm.marina_p=0.5: acts only with a compressed gradient hook"),
+    (["grad_comm.hook=correlated"], "grad_comm.hook='correlated': a DDP communication hook; needs trainer.strategy"),
+    (["quant=lsq_w4a4", "quant.learned_init_steps=30"], "quant.learned_init_steps=30: expected fewer than"),
+    (["quant=lsq_w4a4", "trainer.tokens=1e30"], "trainer.tokens=1e+30"),
     (["quant=lsq_w4a4", "quant.learned_init_steps=40", "compile=true"], "quant.learned_init_steps=40: expected 0 with"),
     (["quant=quest_w4a4", "model.d_model=192", "model.n_head=1"], "128"),
     (["ptq.from={in}/a_file", "ptq.bits=abc"], "ptq.bits='abc'"),
     (["ptq.from={in}/nonexistent.ckpt"], "ptq.from"),
+    (["ptq.from={in}/a_file", "ptq.method=aqlm", "ptq.aqlm.lr=inf"], "ptq.aqlm.lr=inf: expected a finite number"),
+    (["ptq.from={in}/a_file", "ptq.aqlm.finetune_lr=nan"], "ptq.aqlm.finetune_lr=nan"),
     # paths
     (["ckpt_path={in}/corpus"], "a directory, not a checkpoint file"),
     (["ckpt_path={in}/garbage.json"], "not a readable checkpoint"),

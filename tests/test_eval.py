@@ -74,8 +74,9 @@ def test_evaluate_refuses_another_quantization(trained, tmp_path):
 def test_perplexity_on_a_text_file(trained, tmp_path):
     from tokenizers import Tokenizer
 
+    from quest_pl.data.run import find_tokenizer
     from quest_pl.evaluate import text_file_loss
-    from quest_pl.export import find_tokenizer, module_from_checkpoint
+    from quest_pl.export import module_from_checkpoint
 
     text = tmp_path / "text.txt"
     text.write_text("To be, or not to be, that is the question.\n" * 30)
@@ -266,7 +267,7 @@ def test_generate_from_a_damaged_export_is_one_line(trained, tmp_path, capsys):
 
 
 def test_evaluate_on_another_data_config_uses_the_checkpoints_tokenizer(trained, tmp_path):
-    from quest_pl.export import find_tokenizer
+    from quest_pl.data.run import find_tokenizer
 
     text = tmp_path / "corpus.txt"
     text.write_text("".join(f"Line {i}: to be, or not to be, that is the question.\n" for i in range(400)))
@@ -322,3 +323,133 @@ def test_export_and_generate_refuse_bad_paths_in_one_line(trained, tmp_path, cap
     assert not (tmp_path / "out").exists()  # refused before any work
     assert generate_main([ckpt, "--tokenizer", none, "--device", "cpu"]) == 2
     assert capsys.readouterr().err.startswith("error: --tokenizer=")
+
+
+# -- the run's own data and tokenizer; what contradicts the checkpoint -------------------------------------------------
+@pytest.fixture
+def text_run(trained, tmp_path):
+    """A copy of the trained run whose config says it trained on a local text file (data=text_file)."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    run = tmp_path / "text_run"
+    shutil.copytree(trained[0], run)
+    text = tmp_path / "corpus.txt"
+    text.write_text("".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(600)))
+    cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
+    cfg.data.source, cfg.data.path, cfg.data.chunks_per_file = "text_file", str(text), 8
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    return run, text
+
+
+def test_a_data_key_override_keeps_the_runs_data_config(text_run, tmp_path):
+    """eval.from=CKPT data.val_batches=1 evaluates the run's own text (one batch of it), not the default corpus."""
+    run, text = text_run
+    from quest_pl.evaluate import evaluate as evaluate_fn
+
+    ckpt = run / "checkpoints" / "last.ckpt"
+    one = evaluate_fn(compose(*TINY, f"eval.from={ckpt}", "data.val_batches=1"), tmp_path / "a", ["data.val_batches=1"])
+    assert one["data"] == f"text_file:{text}"
+
+
+def test_the_runs_tokenizer_is_used_after_the_text_changed(text_run):
+    """The run's text changed after training: the data is tokenized with <run dir>/tokenizer.json, not with a
+    tokenizer trained again on the new text (for eval, ptq and probe alike: quest_pl.data.run)."""
+    run, text = text_run
+    from quest_pl.data.run import data_config
+    from quest_pl.train import build_datamodule
+
+    text.write_text("".join(f"Zebra {i} quartz vexing jumbled wizards.\n" for i in range(800)))
+    ckpt = run / "checkpoints" / "last.ckpt"
+    data_cfg = data_config(compose(*TINY), ckpt, "eval.from", [])
+    dm = build_datamodule(data_cfg)
+    dm.prepare_data()
+    dm.setup("validate")
+    assert dm.tokenizer_file.read_bytes() == (run / "tokenizer.json").read_bytes()
+
+
+def test_a_model_key_that_contradicts_the_checkpoint_is_refused(trained, tmp_path):
+    from quest_pl.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model\.n_layer=4: the checkpoint .* was trained with model\.n_layer=1"):
+        evaluate(trained, tmp_path, "model.n_layer=4")
+    with pytest.raises(ConfigError, match=r"model\.lr=0\.5: not used with eval\.from"):
+        evaluate(trained, tmp_path, "model.lr=0.5")
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_a_damaged_run_tokenizer_is_one_line_for_every_tool(text_run, tmp_path, capsys):
+    from quest_pl import probe, ptq
+    from quest_pl.config import ConfigError
+    from quest_pl.generate import main as generate_main
+
+    run, text = text_run
+    (run / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": ')  # cut short
+    ckpt = run / "checkpoints" / "last.ckpt"
+    damaged = "is not a readable tokenizer.json"
+    with pytest.raises(ConfigError, match=damaged):
+        evaluate((run,), tmp_path / "e")
+    with pytest.raises(ConfigError, match=damaged):
+        evaluate((run,), tmp_path / "t", f"eval.text_file={text}")
+    with pytest.raises(ConfigError, match=damaged):
+        ptq.run(compose(*TINY, f"ptq.from={ckpt}"), tmp_path / "p")
+    with pytest.raises(ConfigError, match=damaged):
+        probe.run(compose(*TINY, f"probe.from={ckpt}", "probe.device=cpu"), tmp_path / "q")
+    assert generate_main([str(ckpt), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: checkpoint=") and damaged in err[0]
+    assert not any((tmp_path / d).exists() for d in "etpq")
+
+
+def test_eval_text_file_is_strict(trained, tmp_path):
+    """A directory is no text, and invalid bytes are one line naming the file and the byte offset (data.encoding)."""
+    from quest_pl.config import ConfigError
+
+    (tmp_path / "dir.txt").mkdir()
+    with pytest.raises(ConfigError, match=r"eval\.text_file=.*dir\.txt'?: only directories match"):
+        evaluate(trained, tmp_path / "d", f"eval.text_file={tmp_path / 'dir.txt'}")
+    bad = tmp_path / "latin.txt"
+    raw = b"To be, or not to be. " * 20 + b"caf\xe9.\n"
+    bad.write_bytes(raw)
+    offset = raw.index(b"\xe9")
+    with pytest.raises(ConfigError, match=rf"eval\.text_file: {bad} is not valid utf-8 at byte {offset} "):
+        evaluate(trained, tmp_path / "u", f"eval.text_file={bad}")
+    latin = evaluate(trained, tmp_path / "l", f"eval.text_file={bad}", "data.encoding=latin-1")
+    assert latin["tokens"] > 0
+
+
+def test_cli_eval_contradicting_model_key_is_one_line(trained, tmp_path, monkeypatch, capsys):
+    import logging
+
+    from tests.test_errors import files_under, run_cli_inprocess
+
+    ckpt = trained[0] / "checkpoints" / "last.ckpt"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:  # the job configures logging (run.log in the run directory it then removes): restore it for later tests
+        code, _, err = run_cli_inprocess(monkeypatch, capsys, cwd, f"eval.from={ckpt}", "model.n_layer=4")
+    finally:
+        for handler in set(root.handlers) - set(handlers):
+            root.removeHandler(handler)
+            handler.close()
+        root.handlers[:], root.level = handlers, level
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: model.n_layer=4"), err
+    assert files_under(cwd) == set()
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused(trained, tmp_path, capsys):
+    """generate --tokenizer with more tokens than the checkpoint's embedding rows: one line, not an IndexError."""
+    from tokenizers import Tokenizer, models
+
+    from quest_pl.generate import main as generate_main
+
+    big = tmp_path / "big.json"
+    Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(3000)}, unk_token="w0")).save(str(big))
+    ckpt = str(trained[0] / "checkpoints" / "last.ckpt")
+    assert generate_main([ckpt, "--tokenizer", str(big), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has 3000 tokens, more than the checkpoint's vocabulary (2048)" in err[0]

@@ -164,3 +164,77 @@ def test_quantized_layers_are_quantlinear_with_their_own_estimators():
     a, b = model[0], model[1]
     assert isinstance(a, QuantLinear) and a.weight_quant is not b.weight_quant and a.act_quant is not b.act_quant
     assert quantize_(model, None) is model
+
+
+# -- quantize_ refuses what would silently do nothing, and changes nothing when it refuses --------------------------
+def _snapshot(model: nn.Module) -> list[tuple[str, type, int]]:
+    return [(n, type(m), id(m)) for n, m in model.named_modules()]
+
+
+class Conv1D(nn.Module):
+    """GPT-2's projection (transformers.pytorch_utils.Conv1D): a linear map with a transposed weight, not nn.Linear."""
+
+    def __init__(self, nf: int, nx: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.02)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(*x.shape[:-1], -1)
+
+
+def test_quantizing_twice_is_refused_and_keeps_the_first_layers():
+    model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 128), nn.Linear(128, 4))
+    quantize_(model, QuantConfig.quest(bits=4))
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"already quantized \(2 QuantLinear layers, e\.g\. 0\)"):
+        quantize_(model, QuantConfig.quest(bits=2))
+    assert _snapshot(model) == before
+    with pytest.raises(ValueError, match="already quantized"):  # a QuantLinear anywhere, whatever the filter chooses
+        quantize_(model, QuantConfig.quest(bits=2), filter_fn=lambda module, name: name == "3")
+
+
+@pytest.mark.parametrize(
+    ("model", "needle"),
+    [
+        (
+            nn.Sequential(Conv1D(128, 128), nn.GELU(), Conv1D(128, 128)),
+            "no nn.Linear layer (layers with weights: Conv1D)",
+        ),
+        (nn.Sequential(nn.LayerNorm(8), nn.ReLU()), "no nn.Linear layer (layers with weights: LayerNorm)"),
+        (nn.Sequential(nn.Linear(128, 4)), "filter_fn chose none of its 1 nn.Linear layers"),  # the head alone
+    ],
+)
+def test_nothing_to_quantize_is_refused(model, needle):
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"quantize_: nothing to quantize in Sequential") as err:
+        quantize_(model, QuantConfig.quest(bits=4))
+    assert needle in str(err.value) and "\n" not in str(err.value)
+    assert _snapshot(model) == before
+
+
+def test_a_group_size_that_does_not_divide_a_layer_is_refused_before_any_swap():
+    model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 64), nn.Linear(64, 2))
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"layer 2 has in_features = 48, not a multiple of the group size 32"):
+        quantize_(model, QuantConfig.make(grid="uniform", bits=4, group_size=32))
+    assert _snapshot(model) == before
+
+
+def test_a_failure_while_building_changes_nothing(monkeypatch):
+    """Every replacement is built before the first swap: a failure on the second layer leaves the first alone."""
+    from quest_pl.quant import swap as quant
+
+    model = nn.Sequential(nn.Linear(128, 128), nn.Linear(128, 128), nn.Linear(128, 2))
+    before, real, built = _snapshot(model), quant._quant_linear, []
+
+    def fail_on_second(config, module):
+        built.append(module)
+        if len(built) == 2:
+            raise RuntimeError("out of memory")
+        return real(config, module)
+
+    monkeypatch.setattr(quant, "_quant_linear", fail_on_second)
+    with pytest.raises(RuntimeError):
+        quantize_(model, QuantConfig.quest(bits=4))
+    assert _snapshot(model) == before

@@ -3,9 +3,9 @@
 Validation runs before any work and raises :class:`ConfigError`, one line naming the key, the bad value and what is
 allowed (``run.py`` prints it without a traceback, exit code 2). One module per group: :mod:`.checks` (the error and
 the generic checks), :mod:`.trainer`, :mod:`.data`, :mod:`.budget` (token budgets, METHOD.md §3), :mod:`.ptq` (the
-``ptq`` group's schema), :mod:`.resume` (a resume against its checkpoint), :mod:`.names` (run names and resolvers)
-and :mod:`.validation` (:func:`validate`, every group in one order). This package imports nothing of ``quest_pl``
-but the library layer (``quantizers``, ``model``).
+``ptq`` group's schema), :mod:`.resume` (a resume against its checkpoint), :mod:`.names` (run names and resolvers),
+:mod:`.rules` (which keys need which others) and :mod:`.validation` (:func:`validate`, every group in one order).
+This package imports nothing of ``quest_pl`` but the library layer (``quantizers``, ``model``).
 """
 
 from quest_pl.config.checks import (
@@ -35,7 +35,7 @@ from quest_pl.config.trainer import (
     validate_trainer,
 )
 from quest_pl.config.validation import (
-    check_bits_without_grid,
+    check_rules,
     learned_init_compile_error,
     validate,
     validate_grad_comm,
@@ -53,11 +53,11 @@ __all__ = [
     "TRAINER_KNOWN",
     "ConfigError",
     "check",
-    "check_bits_without_grid",
     "check_checkpoint",
     "check_devices",
     "check_hub_reachable",
     "check_resume",
+    "check_rules",
     "compose",
     "expand_paths",
     "learned_init_compile_error",

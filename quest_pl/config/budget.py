@@ -14,7 +14,8 @@ import math
 
 from omegaconf import DictConfig, OmegaConf
 
-from quest_pl.config.checks import ConfigError, check
+from quest_pl.config.checks import ConfigError, _is_int, check
+from quest_pl.config.trainer import MAX_STEPS
 
 
 def _positive_number(v) -> bool:
@@ -26,6 +27,38 @@ def validate_budget(cfg: DictConfig) -> None:
     tpp = check(cfg, "scale.tokens_per_param", _positive_number, "null or a number > 0", optional=True)
     if tokens is not None and tpp is not None:
         raise ConfigError(f"scale.tokens_per_param={tpp}: give either it or trainer.tokens={tokens}, not both")
+    sizes = ("data.batch_size", "trainer.accumulate_grad_batches", "model.seq_len", "trainer.max_steps")
+    if not all(_is_int(v) and v >= 1 for v in (OmegaConf.select(cfg, k, default=None) for k in sizes)):
+        return  # a bad size is refused by its own check
+    steps = check_budget(cfg) if tokens is not None or tpp is not None else cfg.trainer.max_steps
+    init_steps = OmegaConf.select(cfg, "quant.learned_init_steps", default=0)
+    if _is_int(init_steps) and init_steps >= steps and OmegaConf.select(cfg, "quant.grid", default=None) is not None:
+        raise ConfigError(
+            f"quant.learned_init_steps={init_steps}: expected fewer than the run's {steps} steps (trainer.max_steps or "
+            "the token budget), or the learned scales are never learned"
+        )
+
+
+def check_budget(cfg: DictConfig) -> int:
+    """The budget's step count, between 1 and :data:`quest_pl.config.MAX_STEPS` (the bound ``trainer.max_steps``
+    has), or one line naming the budget key."""
+    tokens = planned_tokens(cfg)
+    key = "scale.tokens_per_param"
+    if OmegaConf.select(cfg, "trainer.tokens", default=None) is not None:
+        key = "trainer.tokens"
+    value = OmegaConf.select(cfg, key)
+    step_tokens = tokens_per_step(cfg)
+    steps = budget_steps(tokens, step_tokens)
+    if steps < 1:
+        raise ConfigError(
+            f"{key}={value}: a budget of {tokens:.4g} tokens is less than one step of {step_tokens:,} tokens"
+        )
+    if steps > MAX_STEPS:
+        raise ConfigError(
+            f"{key}={value}: a budget of {tokens:.4g} tokens is {steps:.4g} steps of {step_tokens:,} tokens, more than "
+            f"the {MAX_STEPS} steps a run can have (as trainer.max_steps)"
+        )
+    return steps
 
 
 def non_embedding_params(model_cfg) -> int:
@@ -68,9 +101,10 @@ def tokens_per_step(cfg: DictConfig) -> int:
     return cfg.data.batch_size * cfg.trainer.accumulate_grad_batches * world_size(cfg.trainer) * cfg.model.seq_len
 
 
-def budget_steps(tokens: float, step_tokens: int) -> int:
-    """``floor(tokens / step_tokens)``, the paper's iteration count."""
-    return int(tokens // step_tokens)
+def budget_steps(tokens: float, step_tokens: int) -> int | float:
+    """``floor(tokens / step_tokens)``, the paper's iteration count (a float beyond 2**63, which no run can have)."""
+    steps = tokens // step_tokens
+    return int(steps) if steps < 2**63 else steps
 
 
 def planned_tokens(cfg: DictConfig) -> float | None:

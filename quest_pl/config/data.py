@@ -45,12 +45,8 @@ def validate_data(cfg: DictConfig, model_vocab: int | None) -> None:
     )
     tok = check(cfg, "data.tokenizer_path", lambda v: isinstance(v, str), "a path to a tokenizer.json", optional=True)
     if tok is not None:
-        data_vocab = tokenizer_vocab_size(tok)
-    if model_vocab is not None and model_vocab < data_vocab:
-        where = f"data.tokenizer_path={tok!r}" if tok is not None else f"data.vocab_size={data_vocab}"
-        raise ConfigError(
-            f"model.vocab_size={model_vocab}: smaller than the tokenizer's vocabulary ({data_vocab}, {where})"
-        )
+        tokenizer_vocab_size(tok)
+    del data_vocab, model_vocab  # compared where every source of the vocabulary is known (check_model_vocab)
     validate_data_keys(cfg)
     validate_budget(cfg)
     positive_int(cfg, "data.batch_size")
@@ -151,6 +147,67 @@ def validate_data_keys(cfg: DictConfig) -> None:
         )
         if not os.path.isdir(os.path.expanduser(path)):
             raise ConfigError(f"data.path={path!r}: expected a directory holding train.bin and val.bin")
+    check_model_vocab(cfg)
+
+
+def local_tokenizer_file(spec: str, key: str = "data.tokenizer") -> Path | None:
+    """The ``tokenizer.json`` that ``spec`` names when it is local (a file, or a directory holding one), ``None`` for a
+    hub repository name; a missing file or directory is one line."""
+    p = Path(os.path.expanduser(spec))
+    if p.is_dir():
+        p = p / "tokenizer.json"
+        if not p.is_file():
+            raise ConfigError(f"{key}={spec!r}: the directory has no tokenizer.json")
+        return p
+    if p.is_file():
+        return p
+    if not is_hub_name(spec):
+        raise ConfigError(f"{key}={spec!r}: no such file or directory")
+    return None
+
+
+def load_tokenizer_file(path: Path, key: str = "data.tokenizer"):
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # not JSON, not a tokenizer
+        raise ConfigError(f"{key}={str(path)!r}: not a tokenizer.json ({str(e).splitlines()[0][:120]})") from None
+
+
+def data_vocabulary(cfg: DictConfig) -> tuple[int, str] | None:
+    """The vocabulary size the data will have and the key it comes from, where that is known before preparing:
+    ``data.tokenizer`` (a local file or directory), ``data.tokenizer_path``, a ``data=bin`` directory's
+    ``tokenizer.json`` (else its ``data.vocab_size``), or the trained tokenizer's ``data.vocab_size``. ``None`` for a
+    hub tokenizer not yet fetched (checked after preparing, :func:`check_model_vocab_of`)."""
+    d = cfg.data
+    spec = d.get("tokenizer") or d.get("tokenizer_path")
+    if spec:
+        key = "data.tokenizer" if d.get("tokenizer") else "data.tokenizer_path"
+        local = local_tokenizer_file(spec, key)
+        if local is None:
+            return None
+        return load_tokenizer_file(local, key).get_vocab_size(), f"{key}={spec!r}"
+    if d.source == "bin":
+        local = os.path.join(os.path.expanduser(d.path), "tokenizer.json")
+        if os.path.isfile(local):
+            return load_tokenizer_file(Path(local), "data.path").get_vocab_size(), f"data.path={d.path!r} ({local})"
+    return d.vocab_size, f"data.vocab_size={d.vocab_size}"
+
+
+def check_model_vocab(cfg: DictConfig) -> None:
+    """A local tokenizer is readable, and ``model.vocab_size`` (when set) holds every token id the data can have."""
+    known = data_vocabulary(cfg)
+    if known is not None:
+        check_model_vocab_of(cfg.model.get("vocab_size"), *known)
+
+
+def check_model_vocab_of(model_vocab: int | None, data_vocab: int, where: str) -> None:
+    if model_vocab is not None and model_vocab < data_vocab:
+        raise ConfigError(
+            f"model.vocab_size={model_vocab}: smaller than the data's vocabulary ({data_vocab}, from {where}); token "
+            "ids beyond it have no embedding row: set model.vocab_size=null (the data's) or at least that"
+        )
 
 
 def is_hub_name(spec: str) -> bool:

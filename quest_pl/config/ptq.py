@@ -41,9 +41,9 @@ class AQLMSettings:
         values = {}
         for f in fields(cls):
             v = a.get(f.name, f.default)
-            number = isinstance(v, (int, float)) and not isinstance(v, bool)
+            number = isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
             if f.name in ("lr", "finetune_lr"):
-                ok, allowed = number and v > 0, "a number > 0"
+                ok, allowed = number and v > 0, "a finite number > 0"
             elif f.name == "tolerance":
                 ok, allowed = number and 0 <= v < 1, "a number in [0, 1)"
             elif f.name == "seed":
@@ -202,8 +202,8 @@ class PTQConfig:
                 f"{quantizers.HADAMARD_BLOCK} Hadamard basis; expected {quantizers.HADAMARD_BLOCK}"
             )
         bits = self.bits
-        if not isinstance(bits, (int, float)) or isinstance(bits, bool) or bits <= 0:
-            raise ConfigError(f"ptq.bits={bits!r}: expected a number > 0")
+        if not isinstance(bits, (int, float)) or isinstance(bits, bool) or not 0 < bits < float("inf"):
+            raise ConfigError(f"ptq.bits={bits!r}: expected a finite number > 0")
         b = self.codebook_bits
         if b != int(b) or not 1 <= b <= MAX_CODEBOOK_BITS:
             s = self.aqlm

@@ -12,6 +12,7 @@ from quest_pl.config.checks import ConfigError, _is_int, _is_number, check, posi
 from quest_pl.config.data import validate_data
 from quest_pl.config.ptq import PTQConfig
 from quest_pl.config.resume import check_checkpoint, check_resume
+from quest_pl.config.rules import violation
 from quest_pl.config.trainer import validate_trainer
 
 # Gradient communication (quest_pl.comm): the DDP hooks and the bits of the quantized ones.
@@ -83,6 +84,7 @@ def validate(cfg: DictConfig) -> None:
     )
     del allowed
     validate_grad_comm(cfg)
+    check_rules(cfg, sweep=True)  # the rows that hold in every job; the per-arm rows: check_rules(cfg) (cli)
     # checkpoint
     positive_int(cfg, "checkpoint.every_n_steps", optional=True)
     ckpt = check(cfg, "ckpt_path", lambda v: isinstance(v, str), "null or a path to a checkpoint", optional=True)
@@ -95,11 +97,7 @@ def validate_grad_comm(cfg: DictConfig) -> None:
     check(cfg, "grad_comm.bits", lambda v: v in BITS, " or ".join(map(str, BITS)))
     positive_int(cfg, "grad_comm.chunk")
     check(cfg, "grad_comm.marina_p", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]")
-    if hook != "none" and cfg.trainer.strategy not in ("ddp", "ddp_spawn"):
-        raise ConfigError(
-            f"grad_comm.hook={hook}: a DDP communication hook; needs trainer.strategy=ddp or ddp_spawn "
-            f"(got {cfg.trainer.strategy})"
-        )
+    del hook  # what it needs: quest_pl.config.rules
 
 
 def validate_quant(cfg: DictConfig) -> None:
@@ -141,21 +139,10 @@ def learned_init_compile_error(steps: int) -> ConfigError:
     )
 
 
-def check_bits_without_grid(cfg: DictConfig) -> None:
-    """A single run given bits (or ``quant.learned_init_steps``) but no grid would train in full precision under the
-    user's nose. (In a sweep, ``quant.bits=N`` moves every quantized arm and leaves the BF16 baseline arm as it is:
-    allowed there.)"""
-    q = cfg.quant
-    if q.get("grid") is None:
-        for key in ("bits", "w_bits", "a_bits", "w_grid", "a_grid"):
-            if q.get(key) is not None:
-                raise ConfigError(
-                    f"quant.{key}={q.get(key)!r}: quant.grid is null (nothing is quantized); choose a grid "
-                    f"(e.g. quant=quest_w4a4) or leave quant.{key} null"
-                )
-        init_steps = q.get("learned_init_steps", 0)
-        if _is_int(init_steps) and init_steps > 0:
-            raise ConfigError(
-                f"quant.learned_init_steps={init_steps}: expected 0, as quant.grid is null (nothing is quantized, no "
-                "learned scale); choose a learned-scale config (e.g. quant=lsq_w4a4)"
-            )
+def check_rules(cfg: DictConfig, sweep: bool = False) -> None:
+    """Every key set in ``cfg`` acts: the table of :mod:`quest_pl.config.rules` ("key X needs Y"). ``sweep``: one job
+    of a multirun, where a ``quant.*`` override moves the quantized arms and leaves the BF16 baseline arm as it is (a
+    single run given bits but no grid would train in full precision under the user's nose)."""
+    error = violation(cfg, sweep=sweep)
+    if error:
+        raise ConfigError(error)

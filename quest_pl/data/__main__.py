@@ -5,7 +5,8 @@
 
 The arguments are the run's own overrides (the ``data`` keys decide the cache entry; the others are ignored), so a
 training run given the same ``data`` overrides reads the prepared files. ``prepare`` continues an interrupted
-preparation where it stopped; ``verify`` checks every segment digest of an entry. Errors are one line (exit 2).
+preparation where it stopped; ``verify`` checks every segment digest of an entry. Errors are one line (exit 2);
+Ctrl-C is one line too (exit 130), and the finished segments are kept for the next ``prepare``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import argparse
 import logging
 import sys
 import time
+
+EXIT_SIGINT = 128 + 2  # as a shell reports a process ended by SIGINT
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        what = "finished segments kept: the same command continues" if args.command == "prepare" else "nothing changed"
+        print(f"\ninterrupted: {args.command} stopped ({what})", file=sys.stderr)
+        return EXIT_SIGINT
     tokens = {s: meta["splits"][s]["tokens"] for s in shards.SPLITS}
     print(
         f"{entry}: {tokens['train']:,} train / {tokens['val']:,} validation tokens ({meta['dtype']}, vocabulary "

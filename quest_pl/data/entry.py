@@ -74,11 +74,10 @@ def _digest(*parts: str | bytes) -> str:
     return h.hexdigest()[:20]
 
 
-def _file_digest(path: str | Path) -> str:
+def _file_digest(path: str | Path, key: str = "data.path") -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
+    for block in sources.read_blocks(path, key):  # an unreadable file is one line naming it
+        h.update(block)
     return h.hexdigest()
 
 
@@ -104,7 +103,7 @@ def tokenizer_identity(spec: DataSpec) -> str:
         return _digest("bpe", str(spec.vocab_size), str(spec.tokenizer_train_docs))
     p = Path(os.path.expanduser(spec.tokenizer))
     if p.is_dir() or p.is_file():
-        return _digest("file", _file_digest(tokenizer_file(spec.tokenizer)))
+        return _digest("file", _file_digest(tokenizer_file(spec.tokenizer), "data.tokenizer"))
     return _digest("hub-tokenizer", spec.tokenizer)  # by name: an entry made online stays usable offline
 
 

@@ -162,6 +162,19 @@ class LMDataModule(L.LightningDataModule):
         self.val_tokens: np.ndarray | None = None
         self.cache_path: Path | None = None
 
+    @classmethod
+    def from_config(cls, cfg) -> LMDataModule:
+        """The data module of a composed config: its ``data`` keys, ``model.seq_len``, ``seed`` and the step counts."""
+        from omegaconf import OmegaConf
+
+        return cls(
+            **OmegaConf.to_container(cfg.data, resolve=True),
+            seq_len=cfg.model.seq_len,
+            seed=cfg.seed,
+            accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
+            max_steps=cfg.trainer.max_steps,
+        )
+
     @property
     def spec(self):
         from quest_pl.data.shards import DataSpec

@@ -37,31 +37,44 @@ class Document:
     text: str
 
 
-def decoded_blocks(file: str, encoding: str = "utf-8") -> Iterator[str]:
-    """The text of ``file`` in blocks of about ``READ_BLOCK`` bytes, decoded strictly (memory: one block)."""
+def read_blocks(file: str | os.PathLike, key: str = "data.path") -> Iterator[bytes]:
+    """The bytes of ``file`` in blocks of ``READ_BLOCK``; a file that cannot be read is one line naming it."""
+    try:
+        with open(file, "rb") as f:
+            while raw := f.read(READ_BLOCK):
+                yield raw
+    except OSError as e:  # permission denied, an I/O error, a file removed under us
+        raise ConfigError(f"{key}: cannot read {file} ({type(e).__name__}: {e.strerror or e})") from None
+
+
+def decoded_blocks(file: str, encoding: str = "utf-8", key: str = "data.path") -> Iterator[str]:
+    """The text of ``file`` in blocks of about ``READ_BLOCK`` bytes, decoded strictly (memory: one block); a byte
+    sequence that is not valid ``encoding`` is one line naming ``key``, the file and the byte offset."""
     decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
     consumed = 0  # bytes handed to the decoder before this block
-    with open(file, "rb") as f:
-        while True:
-            raw = f.read(READ_BLOCK)
-            pending = len(decoder.getstate()[0])  # undecoded bytes carried over from the previous block
-            try:
-                text = decoder.decode(raw, final=not raw)
-            except UnicodeDecodeError as e:
-                offset = consumed - pending + e.start
-                raise ConfigError(
-                    f"data.path: {file} is not valid {encoding} at byte {offset} ({e.reason}); "
-                    f"set data.encoding to the file's encoding or fix the file"
-                ) from None
-            consumed += len(raw)
-            if text:
-                yield text
-            if not raw:
-                return
+    for raw in _with_end(read_blocks(file, key)):
+        pending = len(decoder.getstate()[0])  # undecoded bytes carried over from the previous block
+        try:
+            text = decoder.decode(raw, final=not raw)
+        except UnicodeDecodeError as e:
+            offset = consumed - pending + e.start
+            raise ConfigError(
+                f"{key}: {file} is not valid {encoding} at byte {offset} ({e.reason}); "
+                f"set data.encoding to the file's encoding or fix the file"
+            ) from None
+        consumed += len(raw)
+        if text:
+            yield text
 
 
-def read_text(file: str, encoding: str = "utf-8") -> str:
-    return "".join(decoded_blocks(file, encoding))
+def _with_end(blocks: Iterator[bytes]) -> Iterator[bytes]:
+    """The blocks, then an empty one (the decoder's final call)."""
+    yield from blocks
+    yield b""
+
+
+def read_text(file: str, encoding: str = "utf-8", key: str = "data.path") -> str:
+    return "".join(decoded_blocks(file, encoding, key))
 
 
 def _lines(file: str, encoding: str) -> Iterator[str]:
@@ -84,10 +97,9 @@ def _split_nl(text: str) -> list[str]:
 
 def _count_lines(file: str) -> int:
     n, last = 0, b"\n"
-    with open(file, "rb") as f:
-        while raw := f.read(READ_BLOCK):
-            n += raw.count(b"\n")
-            last = raw[-1:]
+    for raw in read_blocks(file):
+        n += raw.count(b"\n")
+        last = raw[-1:]
     return n + (last != b"\n")
 
 

@@ -8,7 +8,6 @@ the paper's data had, METHOD.md §3) is used as it is; otherwise an end-of-text 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,23 +15,49 @@ from pathlib import Path
 import numpy as np
 
 from quest_pl.config import ConfigError
-from quest_pl.config.data import is_hub_name  # beside the data keys' validation, which needs it
+from quest_pl.config.data import (  # noqa: F401  (beside the data keys' validation, which needs them; public here)
+    is_hub_name,
+    load_tokenizer_file,
+    local_tokenizer_file,
+)
 
 EOS = "<|endoftext|>"
 EOS_NAMES = (EOS, "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>")
 
 
+# The longest pre-token (in bytes) BPE trains on and encodes: a longer unbroken run (a 1 MB line of letters, a long
+# rule of dashes) is cut into pieces of this length. BPE training is quadratic in the length of a word (each merge
+# rescans it), so one 1 MB "word" took minutes; cut, the time is linear in the text (BENCHMARKS.md, "BPE training on
+# one long line"). Natural-language words are far shorter, so ordinary text tokenizes as before.
+MAX_PRETOKEN = 64
+
+
+def pre_tokenizer():
+    """GPT-2's byte-level pre-tokenization, then every pre-token cut into pieces of at most :data:`MAX_PRETOKEN`
+    characters (one per byte after the byte-level mapping)."""
+    from tokenizers import Regex, pre_tokenizers
+
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+            pre_tokenizers.Split(Regex(f".{{1,{MAX_PRETOKEN}}}"), behavior="isolated"),
+        ]
+    )
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int, length: int | None = None):
-    """Byte-level BPE trained on ``texts`` (streamed; ``tokenizers``); ``EOS`` separates documents."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """Byte-level BPE trained on ``texts`` (streamed; ``tokenizers``); ``EOS`` separates documents; pre-tokens are
+    at most :data:`MAX_PRETOKEN` bytes long."""
+    from tokenizers import Tokenizer, decoders, models, trainers
+    from tokenizers.pre_tokenizers import ByteLevel
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizer()
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=[EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        initial_alphabet=ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer, length=length)
@@ -42,16 +67,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, length: int | None = 
 def tokenizer_file(spec: str, key: str = "data.tokenizer") -> Path:
     """The ``tokenizer.json`` that ``spec`` names: a file, a directory holding one, or a hub repository (downloaded
     once into the Hugging Face cache; a cached copy works offline). Unusable specs are one line."""
-    p = Path(os.path.expanduser(spec))
-    if p.is_dir():
-        p = p / "tokenizer.json"
-        if not p.is_file():
-            raise ConfigError(f"{key}={spec!r}: the directory has no tokenizer.json")
-        return p
-    if p.is_file():
-        return p
-    if not is_hub_name(spec):
-        raise ConfigError(f"{key}={spec!r}: no such file or directory")
+    local = local_tokenizer_file(spec, key)
+    if local is not None:
+        return local
     from huggingface_hub import hf_hub_download
 
     from quest_pl.data.sources import hub_reachable
@@ -70,15 +88,6 @@ def tokenizer_file(spec: str, key: str = "data.tokenizer") -> Path:
     except Exception as e:  # unknown or gated repository, no tokenizer.json in it
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(f"{key}={spec!r}: could not get tokenizer.json from the hub ({msg})") from None
-
-
-def load_tokenizer_file(path: Path, key: str = "data.tokenizer"):
-    from tokenizers import Tokenizer
-
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as e:  # not JSON, not a tokenizer
-        raise ConfigError(f"{key}={str(path)!r}: not a tokenizer.json ({str(e).splitlines()[0][:120]})") from None
 
 
 @dataclass

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from quest_pl.config import ConfigError
 from quest_pl.config.ptq import PTQConfig
+from quest_pl.data.run import run_config_of  # noqa: F401  (public here as before: quest_pl.ptq.run_config_of)
 from quest_pl.io import atomic_write_json
 from quest_pl.ptq.aqlm import calibration_batches, quantize_model_aqlm
 from quest_pl.ptq.scalar import quantize_model_ptq
@@ -63,12 +64,6 @@ def module_from_checkpoint(ckpt: dict, path: str | Path, key: str = "ptq.from"):
         raise ConfigError(f"{key}={str(path)!r}: incompatible checkpoint ({what})")
     module.load_state_dict(state)
     return module
-
-
-def run_config_of(ckpt_path: str | Path) -> DictConfig | None:
-    """The composed config of the run that wrote ``<run dir>/checkpoints/x.ckpt`` (its ``.hydra/config.yaml``)."""
-    path = Path(ckpt_path).resolve().parent.parent / ".hydra" / "config.yaml"
-    return OmegaConf.load(path) if path.is_file() else None
 
 
 # -- evaluation -----------------------------------------------------------------------------------------------------
@@ -154,20 +149,17 @@ def ptq_values(ptq: PTQConfig, ckpt_path: str | Path | None = None) -> dict:
     return values | ({"ptq.from": str(ckpt_path)} if ckpt_path is not None else {})
 
 
-def run(cfg: DictConfig, run_dir: str | Path) -> dict:
-    """``python run.py ptq.from=CKPT ...``: PTQ evaluation of one checkpoint (see the module docstring)."""
-    from quest_pl.config import validate
+def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> dict:
+    """``python run.py ptq.from=CKPT ...``: PTQ evaluation of one checkpoint (see the package docstring), on the
+    validation split of the run that wrote it (``data.*`` overrides merged over it, :mod:`quest_pl.data.run`)."""
+    from quest_pl.data.run import check_model_overrides, data_config
 
     ckpt_path = cfg.ptq["from"]
     ptq = PTQConfig.from_cfg(cfg.ptq)
-    load_checkpoint(ckpt_path)  # fail early, before any data work
-    data_cfg = run_config_of(ckpt_path)
-    if data_cfg is None:
-        log.info("no .hydra/config.yaml beside %s: evaluating on the composed data config", ckpt_path)
-        validate(cfg)
-        data_cfg = cfg
-    else:
-        log.info("evaluating on the validation split of the run that wrote %s", ckpt_path)
+    model_hp = load_checkpoint(ckpt_path)["hyper_parameters"]["model"]  # fail early, before any data work
+    key = f"ptq.from={str(ckpt_path)!r}"
+    check_model_overrides(cfg, model_hp, overrides, key)
+    data_cfg = data_config(cfg, ckpt_path, key, overrides, model_hp["vocab_size"])
     t = cfg.trainer
     metrics = evaluate(
         ckpt_path, ptq, data_cfg, run_dir, accelerator=t.accelerator, precision=t.precision,

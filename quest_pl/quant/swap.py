@@ -60,53 +60,85 @@ def quantize_(
     ``filter_fn(module, name)`` is asked about every module whose type is exactly ``nn.Linear`` (``name`` relative to
     ``model``); subclasses such as ``nn.MultiheadAttention``'s ``out_proj``, whose weight the attention reads directly,
     are never swapped. The default keeps the output head in full precision (:func:`output_heads`); embeddings and
-    norms are not linears and always stay in full precision. ``config=None`` leaves the model unchanged. With a
-    Hadamard every swapped layer's ``in_features`` must be a multiple of 128: checked before anything is swapped."""
+    norms are not linears and always stay in full precision. ``config=None`` leaves the model unchanged.
+
+    Every check runs, and every replacement layer is built, before the model is changed: an error leaves it as it was.
+    Refused with a ``ValueError`` (:class:`ConfigError`): a model that already holds :class:`QuantLinear` layers
+    (quantizing twice would keep the first config's layers; start from the full-precision model), a model in which
+    nothing is chosen (no ``nn.Linear``, e.g. GPT-2's ``Conv1D`` projections, or a ``filter_fn`` choosing none), and
+    with a Hadamard or group scales a chosen layer whose ``in_features`` is not a multiple of the block or group."""
     if config is None:
         return model
     if not isinstance(config, QuantConfig):
         raise ConfigError(f"quantize_: config={config!r}: expected a QuantConfig (e.g. QuantConfig.quest(bits=4))")
+    done = [n or type(model).__name__ for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    if done:
+        raise ConfigError(
+            f"quantize_: the model is already quantized ({len(done)} QuantLinear layers, e.g. {done[0]}); quantize_ "
+            "swaps full-precision nn.Linear layers: apply it once, to a model without QuantLinear layers"
+        )
     if filter_fn is None:
         heads = output_heads(model)
 
         def filter_fn(module: nn.Module, name: str) -> bool:
             return name not in heads
 
-    chosen = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and filter_fn(m, n)]
+    linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
+    chosen = [(n, m) for n, m in linears if filter_fn(m, n)]
+    if not chosen:
+        if linears:
+            why = f"filter_fn chose none of its {len(linears)} nn.Linear layers"
+        else:
+            other = sorted({type(m).__name__ for m in model.modules() if getattr(m, "weight", None) is not None})
+            why = "it has no nn.Linear layer" + (f" (layers with weights: {', '.join(other)})" if other else "")
+        raise ConfigError(f"quantize_: nothing to quantize in {type(model).__name__}: {why}")
     block = config.hadamard_block
+    groups = [spec.build_grid().group_size or 0 for spec in (config.weight, config.act) if spec is not None]
     for name, module in chosen:
         if config.hadamard and module.in_features % block:
             raise ConfigError(
                 f"quant.hadamard=true: layer {name} has in_features = {module.in_features}, not a multiple of {block} "
                 f"(the Hadamard block size); leave it out with filter_fn or quantize without the Hadamard"
             )
-    for name, module in chosen:
+        for group in groups:
+            if group and module.in_features % group:
+                raise ConfigError(
+                    f"quant.group_size: layer {name} has in_features = {module.in_features}, not a multiple of the "
+                    f"group size {group}; leave it out with filter_fn or choose another group size"
+                )
+    swaps = [(name, _quant_linear(config, module)) for name, module in chosen]  # may raise: nothing changed yet
+    for name, q in swaps:
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-        q = QuantLinear(
-            module.in_features,
-            module.out_features,
-            bias=module.bias is not None,
-            weight_quant=config.weight.build(rows=module.out_features) if config.weight else None,
-            act_quant=config.act.build() if config.act else None,
-            hadamard=config.hadamard,
-            device=module.weight.device,
-            dtype=module.weight.dtype,
-            hadamard_block=config.hadamard_block,
-            backward=config.backward,
-            backward_format=config.backward_format,
-            backward_operands=config.backward_operands,
-        )
-        q.kernel_mode = config.kernel
-        q.kernel_args = {
-            "weight": _kernel_args(config, config.weight, module.in_features),
-            "act": _kernel_args(config, config.act, module.in_features),
-        }
-        q.matmul = _resolve_matmul(config, q.kernel_args)
-        q.weight = module.weight
-        if module.bias is not None:
-            q.bias = module.bias
         setattr(parent, name.rsplit(".", 1)[-1], q)
     return model
+
+
+def _quant_linear(config: QuantConfig, module: nn.Linear) -> QuantLinear:
+    """The :class:`QuantLinear` that replaces ``module``, holding its weight and bias (the same parameters)."""
+    q = QuantLinear(
+        module.in_features,
+        module.out_features,
+        bias=module.bias is not None,
+        weight_quant=config.weight.build(rows=module.out_features) if config.weight else None,
+        act_quant=config.act.build() if config.act else None,
+        hadamard=config.hadamard,
+        device=module.weight.device,
+        dtype=module.weight.dtype,
+        hadamard_block=config.hadamard_block,
+        backward=config.backward,
+        backward_format=config.backward_format,
+        backward_operands=config.backward_operands,
+    )
+    q.kernel_mode = config.kernel
+    q.kernel_args = {
+        "weight": _kernel_args(config, config.weight, module.in_features),
+        "act": _kernel_args(config, config.act, module.in_features),
+    }
+    q.matmul = _resolve_matmul(config, q.kernel_args)
+    q.weight = module.weight
+    if module.bias is not None:
+        q.bias = module.bias
+    return q
 
 
 def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:

@@ -194,5 +194,6 @@ def refit(problem: Problem, theta0: np.ndarray, maxiter: int = MAXITER) -> FitRe
 
 def _result(problem: Problem, theta, converged, message, objectives) -> FitResult:
     lo, hi = np.array(problem.bounds).T
-    at_bounds = [int(i) for i in np.nonzero((theta <= lo + 1e-9) | (theta >= hi - 1e-9))[0]]
+    near = 1e-6 * (hi - lo)  # the polish keeps its iterates strictly inside the box
+    at_bounds = [int(i) for i in np.nonzero((theta <= lo + near) | (theta >= hi - near))[0]]
     return FitResult(problem.law, theta, problem.objective(theta), converged, message, objectives, at_bounds)

@@ -1,0 +1,193 @@
+"""The scaling-law study: runs in, ``scaling.json``, ``scaling.md`` and figures out (docs/METHOD.md §7).
+
+:func:`fit_runs` fits a law with intervals and returns the summary (the content of ``scaling.json``);
+:func:`write_study` writes it. The CLI (``python -m quest_pl.scaling fit``) and the end of an ``experiment=scaling_law``
+sweep (:func:`sweep_study`) both go through them, so refitting a sweep directory gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from quest_pl.scaling import frontier as fr
+from quest_pl.scaling.bootstrap import bootstrap
+from quest_pl.scaling.data import InputError, Runs, read_inputs
+from quest_pl.scaling.fit import MAXITER, STARTS, NotConverged, Problem, fit
+from quest_pl.scaling.laws import LAWS, make_law
+
+log = logging.getLogger(__name__)
+
+FORMULA = {
+    "quest": "L(N, D, P) = A / (N eff(P))^alpha + B / D^beta + E",
+    "quartet": "L(N, D, P) = ((A / (N eff(P)))^alpha + (B / (D eff_data(P)))^beta)^gamma + E",
+}
+
+
+@dataclass
+class Options:
+    """Settings of a study; the same defaults in the CLI and the ``scaling`` block of ``experiment=scaling_law``."""
+
+    law: str = "quest"
+    bootstrap: int = 200  # replicates (0: no intervals)
+    seed: int = 0  # the bootstrap's generator
+    reference: str = "bf16"  # the precision with eff = 1
+    tokens_per_param: float | None = None  # of the frontier; None: the median D/N of the reference's runs
+
+    def check(self) -> None:
+        """Raise :class:`InputError` naming the first bad setting."""
+        if self.law not in LAWS:
+            raise InputError(f"law={self.law!r}: expected one of {', '.join(LAWS)}")
+        for key in ("bootstrap", "seed"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise InputError(f"{key}={value!r}: expected an integer >= 0")
+        if not isinstance(self.reference, str) or not self.reference:
+            raise InputError(f"reference={self.reference!r}: expected a precision name, e.g. bf16")
+        r = self.tokens_per_param
+        if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not np.isfinite(r) or r <= 0):
+            raise InputError(f"tokens_per_param={r!r}: expected null or a number > 0")
+
+
+def check_runs(runs: Runs, options: Options, strict: bool = True) -> Runs:
+    """The runs a fit can use: the reference present, every precision with at least 2 runs (``strict``: else an
+    :class:`InputError`; not strict: the precision is left out with a note), at least as many runs as parameters."""
+    names = runs.precisions()
+    if options.reference not in names:
+        raise InputError(f"no runs of the reference precision {options.reference!r} (eff = 1), found: {', '.join(names)}")
+    single = [p for p in names if runs.precision.count(p) < 2]
+    if single and strict:
+        where = runs.source[runs.precision.index(single[0])]
+        raise InputError(f"precision {single[0]!r} has one run ({where}): its efficiency needs at least 2")
+    if single:
+        keep = [i for i, p in enumerate(runs.precision) if p not in single]
+        runs = runs.subset(keep)
+        runs.notes.append(f"left out, one run each (an efficiency needs at least 2): {', '.join(single)}")
+        if options.reference in single:
+            raise InputError(f"the reference precision {options.reference!r} has one run: a fit needs at least 2")
+    law = make_law(options.law, len(runs.precisions()), 0)
+    if len(runs) < law.n_theta:
+        raise InputError(
+            f"{len(runs)} runs for {law.n_theta} parameters of the {options.law} law over {len(runs.precisions())} "
+            "precisions: a fit needs at least as many runs as parameters"
+        )
+    return runs
+
+
+def fit_runs(runs: Runs, options: Options, maxiter: int = MAXITER, starts: int = STARTS) -> dict:
+    """Fit, bootstrap and frontier of checked runs: the ``scaling.json`` summary. Raises :class:`NotConverged`."""
+    names = runs.precisions()
+    idx = np.array([names.index(p) for p in runs.precision])
+    law = make_law(options.law, len(names), names.index(options.reference))
+    log_n, log_d, log_loss = runs.arrays()
+    problem = Problem(law, log_n, log_d, log_loss, idx)
+    result = fit(problem, starts=starts, maxiter=maxiter)
+    if not result.converged:
+        raise NotConverged(f"the fit did not converge: {result.message}")
+    theta = problem.to_law(result.theta)
+    boot = bootstrap(problem, result, options.bootstrap, options.seed)
+    bits = [runs.bits_of(p) for p in names]
+    ratio = options.tokens_per_param
+    if ratio is None:
+        ref = idx == law.ref
+        ratio = float(np.median(np.exp(log_d[ref] - log_n[ref])))
+    memory = fr.memory_grid(np.array(runs.params) * np.array(runs.bits))
+    _, best = fr.frontier(law, theta, bits, memory, ratio)
+    segs = fr.segments(best, memory)
+
+    def ci(values):
+        return boot.interval(values) if options.bootstrap else None
+
+    summary = {"law": law.name, "formula": FORMULA[law.name], "params": law.natural(theta), "params_ci": {}}
+    for j, name in enumerate(summary["params"]):
+        column = np.array([law.natural(t)[name] for t in boot.thetas]) if len(boot.thetas) else np.array([])
+        summary["params_ci"][name] = ci(column)
+        del j
+    for k, key in enumerate(law.efficiencies):
+        values = np.exp(law.log_eff(theta, k))
+        reps = np.exp(np.array([law.log_eff(t, k) for t in boot.thetas])) if len(boot.thetas) else np.zeros((0, len(names)))
+        summary[key] = dict(zip(names, map(float, values)))
+        summary[f"{key}_ci"] = {p: ci(reps[:, i]) for i, p in enumerate(names)}
+    summary["bits"] = dict(zip(names, bits))
+    summary["eff_per_bit"] = {p: summary["eff"][p] * 16 / b for p, b in zip(names, bits)}  # eff(P) * 16 / P
+    n_shared = len(law.shared)
+    at_bounds = sorted({law.shared[i] if i < n_shared else names_of_eff(law, names)[i - n_shared] for i in result.at_bounds})
+    summary |= {
+        "objective": result.objective,
+        "n_runs": len(runs),
+        "n_parameters": law.n_theta,
+        "converged": True,
+        "optimizer": {"message": result.message, "starts": len(result.starts), "start_objectives": result.starts,
+                      "at_bounds": at_bounds},  # fmt: skip
+        "bootstrap": {"replicates": boot.replicates, "failed": boot.failed, "seed": boot.seed, "level": boot.level,
+                      "unit": "configurations within each precision, then seeds within each configuration"},
+        "frontier": {"tokens_per_param": ratio, "optimal": [{"precision": names[p], "bits": bits[p], "from_bits": a,
+                     "to_bits": b} for p, a, b in segs], "answer": fr.answer(names, bits, segs, ratio)},
+        "runs": [{"precision": p, "params": n, "tokens": d, "loss": v, "bits": b, "seed": s, "source": src}
+                 for p, n, d, v, b, s, src in zip(runs.precision, runs.params, runs.tokens, runs.loss, runs.bits,
+                                                  runs.seed, runs.source)],
+        "notes": list(runs.notes),
+    }  # fmt: skip
+    return summary
+
+
+def names_of_eff(law, names: list[str]) -> list[str]:
+    """Labels of theta's efficiency coordinates: ``eff[quest_w4a4]``, ..."""
+    others = [p for i, p in enumerate(names) if i != law.ref]
+    return [f"{key}[{p}]" for key in law.efficiencies for p in others]
+
+
+def run(inputs: list, out_dir: Path, options: Options, strict: bool = True, pipeline_check: str | None = None,
+        maxiter: int = MAXITER) -> dict:  # fmt: skip
+    """Read, check, fit, write. Bad input raises :class:`InputError` and a fit that does not converge
+    :class:`NotConverged`, both before anything is written."""
+    options.check()
+    runs = check_runs(read_inputs(inputs), options, strict)
+    summary = fit_runs(runs, options, maxiter=maxiter)
+    summary["inputs"] = [str(p) for p in inputs]
+    summary["out"] = str(out_dir)
+    summary["options"] = asdict(options)
+    summary["pipeline_check"] = pipeline_check
+    write_study(summary, Path(out_dir), runs)
+    return summary
+
+
+def write_study(summary: dict, out_dir: Path, runs: Runs) -> list[Path]:
+    """``scaling.json``, ``scaling.md`` and the figures (PDF and PNG) in ``out_dir``."""
+    from quest_pl.io import atomic_write_json, atomic_write_text
+    from quest_pl.scaling.figures import study_figures
+    from quest_pl.scaling.report import markdown
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures = study_figures(summary, runs, out_dir)
+    atomic_write_json(out_dir / "scaling.json", summary)
+    atomic_write_text(out_dir / "scaling.md", markdown(summary, [p.stem for p in figures if p.suffix == ".png"]))
+    return [out_dir / "scaling.json", out_dir / "scaling.md", *figures]
+
+
+def sweep_study(sweep_dir: Path, settings: dict) -> None:
+    """End of an ``experiment=scaling_law`` sweep: the study of its finished jobs, in the sweep directory. Never
+    raises: a study that cannot be fitted (too few runs, a precision with one size) still writes ``scaling.md``
+    saying why, and a precision with one run is left out with a note."""
+    from quest_pl.io import atomic_write_text
+    from quest_pl.scaling.report import refit_command
+
+    settings = dict(settings)
+    label = settings.pop("pipeline_check", None) or None
+    options = Options(**settings)
+    try:
+        summary = run([sweep_dir], sweep_dir, options, strict=False, pipeline_check=label)
+    except (InputError, NotConverged) as e:
+        log.error("scaling study: %s", e)
+        lines = [f"# Scaling-law study: `{sweep_dir}`", ""]
+        if label:
+            lines += [f"**Pipeline check**: {label}", ""]
+        lines += [f"No fit: {e}.", "", f"Refit when more jobs have finished: `{refit_command([sweep_dir], sweep_dir, asdict(options))}`", ""]
+        atomic_write_text(sweep_dir / "scaling.md", "\n".join(lines))
+        return
+    log.info("scaling study: %s", summary["frontier"]["answer"])
+    print(f"\nScaling law ({summary['law']}): {summary['frontier']['answer']}\nwrote {sweep_dir / 'scaling.json'}, "
+          "scaling.md and figures")  # fmt: skip

@@ -37,6 +37,7 @@ class Runs:
     seed: list[int | None] = field(default_factory=list)
     source: list[str] = field(default_factory=list)  # "file:line" or the job directory
     notes: list[str] = field(default_factory=list)  # what the reader left out, and why
+    pipeline_check: str | None = None  # a sweep's ``scaling.pipeline_check`` label
 
     def __len__(self) -> int:
         return len(self.loss)
@@ -56,9 +57,10 @@ class Runs:
     def extend(self, other: Runs) -> None:
         for name in ("precision", "params", "tokens", "loss", "bits", "seed", "source", "notes"):
             getattr(self, name).extend(getattr(other, name))
+        self.pipeline_check = self.pipeline_check or other.pipeline_check
 
     def subset(self, keep: list[int]) -> Runs:
-        out = Runs(notes=list(self.notes))
+        out = Runs(notes=list(self.notes), pipeline_check=self.pipeline_check)
         for name in ("precision", "params", "tokens", "loss", "bits", "seed", "source"):
             values = getattr(self, name)
             setattr(out, name, [values[i] for i in keep])
@@ -133,10 +135,11 @@ def read_csv(path: Path) -> Runs:
 
 
 def read_job(job_dir: Path) -> dict | None:
-    """One finished job of a sweep as ``{precision, params, tokens, loss, bits, seed}``, or None when the job has no
+    """One finished job of a sweep as ``{precision, params, tokens, loss, bits, seed, label}``, or None when the job has no
     final metrics yet or did not finish ok (diverged, failed). The one place that knows a job directory's layout:
     ``metrics.json`` (``val/loss``, ``non_embedding_params``, ``step``, ``status``) and ``.hydra/config.yaml``
-    (quant group, model width, batch shape: the tokens seen are steps x global batch x sequence length)."""
+    (quant group, model width, batch shape: the tokens seen are steps x global batch x sequence length; ``label``:
+    the ``scaling.pipeline_check`` of ``experiment=scaling_law``)."""
     import json
 
     from omegaconf import OmegaConf
@@ -153,6 +156,7 @@ def read_job(job_dir: Path) -> dict | None:
         saved = OmegaConf.load(config_path)
         quant, model, data, trainer = (OmegaConf.to_container(saved[k], resolve=True) for k in KEYS)
         seed = saved.get("seed")
+        label = OmegaConf.select(saved, "scaling.pipeline_check", default=None)
     except Exception as e:  # a damaged file: name it, never guess
         raise InputError(f"{job_dir}: unreadable metrics.json or .hydra/config.yaml ({type(e).__name__}: {e})") from None
     if not isinstance(metrics, dict) or metrics.get("status", "ok") != "ok":
@@ -168,7 +172,7 @@ def read_job(job_dir: Path) -> dict | None:
     if not all(isinstance(v, (int, float)) for v in (loss, params, step)):
         raise InputError(f"{metrics_path}: status ok but val/loss={loss!r}, non_embedding_params={params!r}, step={step!r}")
     return {"precision": name, "params": float(params), "tokens": float(step * step_tokens), "loss": float(loss),
-            "bits": float(bits), "seed": seed}  # fmt: skip
+            "bits": float(bits), "seed": seed, "label": label}  # fmt: skip
 
 
 KEYS = ("quant", "model", "data", "trainer")  # the config groups read_job reads
@@ -186,6 +190,7 @@ def read_sweep(sweep_dir: Path) -> Runs:
             skipped += 1
             continue
         runs.add(row["precision"], row["params"], row["tokens"], row["loss"], row["bits"], row["seed"], str(job))
+        runs.pipeline_check = runs.pipeline_check or row["label"]
     if not len(runs):
         raise InputError(f"{sweep_dir}: no finished job (no <num>_<arm>_s<seed>/metrics.json with status ok)")
     if skipped:

@@ -8,7 +8,7 @@ sweep (:func:`sweep_study`) both go through them, so refitting a sweep directory
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +50,29 @@ class Options:
         r = self.tokens_per_param
         if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not np.isfinite(r) or r <= 0):
             raise InputError(f"tokens_per_param={r!r}: expected null or a number > 0")
+
+
+def check_settings(block, multirun: bool = True) -> None:
+    """The ``scaling`` block of a sweep's config (``experiment=scaling_law``), as a one-line
+    :class:`quest_pl.config.ConfigError` naming the key."""
+    from omegaconf import OmegaConf
+
+    from quest_pl.config import ConfigError
+
+    if not multirun:
+        raise ConfigError("scaling: the scaling-law study is a sweep (experiment=scaling_law); run it without hydra.mode=RUN")
+    settings = OmegaConf.to_container(block, resolve=True) if OmegaConf.is_config(block) else dict(block)
+    label = settings.pop("pipeline_check", None)
+    if label is not None and not isinstance(label, str):
+        raise ConfigError(f"scaling.pipeline_check={label!r}: expected null or a text")
+    known = {f.name for f in fields(Options)}
+    for key in settings:
+        if key not in known:
+            raise ConfigError(f"scaling.{key}: unknown key (known: {', '.join(sorted(known | {'pipeline_check'}))})")
+    try:
+        Options(**settings).check()
+    except InputError as e:
+        raise ConfigError(f"scaling.{e}") from None
 
 
 def check_runs(runs: Runs, options: Options, strict: bool = True) -> Runs:
@@ -140,17 +163,17 @@ def names_of_eff(law, names: list[str]) -> list[str]:
     return [f"{key}[{p}]" for key in law.efficiencies for p in others]
 
 
-def run(inputs: list, out_dir: Path, options: Options, strict: bool = True, pipeline_check: str | None = None,
-        maxiter: int = MAXITER) -> dict:  # fmt: skip
+def run(inputs: list, out_dir: Path, options: Options, strict: bool = True, maxiter: int = MAXITER) -> dict:
     """Read, check, fit, write. Bad input raises :class:`InputError` and a fit that does not converge
-    :class:`NotConverged`, both before anything is written."""
+    :class:`NotConverged`, both before anything is written. A sweep labelled a pipeline check
+    (``scaling.pipeline_check``) keeps its label."""
     options.check()
     runs = check_runs(read_inputs(inputs), options, strict)
     summary = fit_runs(runs, options, maxiter=maxiter)
     summary["inputs"] = [str(p) for p in inputs]
     summary["out"] = str(out_dir)
     summary["options"] = asdict(options)
-    summary["pipeline_check"] = pipeline_check
+    summary["pipeline_check"] = runs.pipeline_check
     write_study(summary, Path(out_dir), runs)
     return summary
 
@@ -176,10 +199,10 @@ def sweep_study(sweep_dir: Path, settings: dict) -> None:
     from quest_pl.scaling.report import refit_command
 
     settings = dict(settings)
-    label = settings.pop("pipeline_check", None) or None
+    label = settings.pop("pipeline_check", None)
     options = Options(**settings)
     try:
-        summary = run([sweep_dir], sweep_dir, options, strict=False, pipeline_check=label)
+        summary = run([sweep_dir], sweep_dir, options, strict=False)
     except (InputError, NotConverged) as e:
         log.error("scaling study: %s", e)
         lines = [f"# Scaling-law study: `{sweep_dir}`", ""]

@@ -122,7 +122,7 @@ class Problem:
         lo, hi = np.array(self.bounds).T
         x0 = np.clip(theta0, lo + 1e-12 * (hi - lo), hi - 1e-12 * (hi - lo))  # strictly inside, as trf requires
         res = least_squares(self.residuals, x0, jac=self.jacobian, bounds=(lo, hi), method="trf", loss="huber",
-                            f_scale=DELTA, x_scale="jac", ftol=TOL, xtol=TOL, gtol=TOL, max_nfev=maxiter)  # fmt: skip
+                            f_scale=DELTA, x_scale=1.0, ftol=TOL, xtol=TOL, gtol=TOL, max_nfev=maxiter)  # fmt: skip
         return res.x, res.status > 0, f"{res.message} ({res.nfev} evaluations)"
 
     # -- starts ----------------------------------------------------------------------------------------------------

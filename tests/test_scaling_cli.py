@@ -81,7 +81,7 @@ def test_bad_runs_one_line_exit_2(tmp_path, capsys):
     finished job, a path that does not exist: one line each, exit 2, nothing written."""
     out = tmp_path / "out"
     cases = {
-        "one run": (good_rows() + [("quest_w3a3", 1e8, 1e10, 3.1)], ["'quest_w3a3' has one run"]),
+        "one run": ([*good_rows(), ("quest_w3a3", 1e8, 1e10, 3.1)], ["'quest_w3a3' has one run"]),
         "too few": (good_rows()[:6], ["6 runs for 7 parameters"]),  # one size: each precision at 2 token counts
         "no reference": ([r for r in good_rows() if r[0] != "bf16"], ["no runs of the reference precision 'bf16'"]),
     }
@@ -200,3 +200,33 @@ def test_scaling_settings_checked_at_launch():
             check_settings(bad)
     with pytest.raises(ConfigError, match="is a sweep"):
         check_settings(cfg.scaling, multirun=False)
+
+
+@pytest.mark.parametrize("scale", [None, "gpu_ladder"])
+def test_ladders_compose_and_validate(scale):
+    """Every size of each ladder (with QuEST W4A4) and every precision (at the largest size) composes and passes the
+    checks a job runs first; the job directory names the size."""
+    from hydra.types import RunMode
+
+    from quest_pl.config import compose, validate
+    from quest_pl.model import LlamaConfig
+    from quest_pl.quant import QuantConfig
+    from quest_pl.sweep import register_resolvers
+
+    register_resolvers()
+    extra = [f"+scale={scale}"] if scale else []
+    sweep = compose("experiment=scaling_law", *extra, return_hydra_config=True)
+    assert sweep.hydra.mode == RunMode.MULTIRUN
+    assert "runtime.choices.model" in OmegaConf.to_container(sweep.hydra.sweep)["subdir"]
+    models = sweep.hydra.sweeper.params.model.split(",")
+    quants = sweep.hydra.sweeper.params.quant.split(",")
+    assert "bf16" in quants and len(models) >= 3
+    expected = ["llama_30m", "llama_50m", "llama_100m", "llama_200m", "llama_430m", "llama_800m"]
+    assert models == (expected if scale else ["tiny_l1", "tiny", "tiny_l3"])
+    for model, quant in [(m, "quest_w4a4") for m in models] + [(models[-1], q) for q in quants]:
+        cfg = compose("experiment=scaling_law", *extra, f"model={model}", f"quant={quant}")
+        validate(cfg)
+        m = cfg.model
+        QuantConfig.from_cfg(cfg.quant, LlamaConfig(n_layer=m.n_layer, d_model=m.d_model, n_head=m.n_head))
+        assert cfg.scale.tokens_per_param == (100 if scale else 0.5)
+        assert cfg.callbacks == {}  # no diagnostics in a scaling study

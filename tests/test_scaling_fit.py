@@ -1,4 +1,4 @@
-"""The scaling-law fit (quest_pl.scaling, METHOD.md §7): the laws' Jacobians against finite differences, the Huber
+"""The scaling-law fit (quest_pl.scaling, METHOD.md §9): the laws' Jacobians against finite differences, the Huber
 objective against its definition, the paper's published runs giving the paper's eff(P), the multi-start finding the
 best optimum where one polish stays in a worse one, and known parameters recovered within their bootstrap intervals."""
 

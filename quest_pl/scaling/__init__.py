@@ -1,4 +1,4 @@
-"""Scaling laws across precisions (docs/METHOD.md §7): fit ``L(N, D, P)`` to finished runs, eff(P) with bootstrap
+"""Scaling laws across precisions (docs/METHOD.md §9): fit ``L(N, D, P)`` to finished runs, eff(P) with bootstrap
 intervals, and the memory frontier.
 
     python -m quest_pl.scaling fit runs.csv multirun/scaling_law/2026-12-07_05-00-00 --out scaling/ [--law quartet]

@@ -1,4 +1,4 @@
-"""Bootstrap confidence intervals of a fitted law (docs/METHOD.md §7.3).
+"""Bootstrap confidence intervals of a fitted law (docs/METHOD.md §9.3).
 
 A replicate resamples the data and refits. The unit is a *configuration*: the runs of one (precision, parameters,
 tokens). Within each precision, configurations are drawn with replacement (so every precision keeps its number of

@@ -1,4 +1,4 @@
-"""The runs a scaling law is fitted to, read from CSV files or sweep directories and checked (docs/METHOD.md §7.2).
+"""The runs a scaling law is fitted to, read from CSV files or sweep directories and checked (docs/METHOD.md §9.2).
 
 A CSV has the header ``precision,params,tokens,loss`` (any order), optionally ``bits`` and ``seed``; lines starting
 with ``#`` are comments. ``params`` counts non-embedding parameters, ``tokens`` the training tokens, ``loss`` the final
@@ -135,8 +135,8 @@ def read_csv(path: Path) -> Runs:
 
 
 def read_job(job_dir: Path) -> dict | None:
-    """One finished job of a sweep as ``{precision, params, tokens, loss, bits, seed, label}``, or None when the job has no
-    final metrics yet or did not finish ok (diverged, failed). The one place that knows a job directory's layout:
+    """One finished job of a sweep as ``{precision, params, tokens, loss, bits, seed, label}``, or None when the job
+    has no final metrics yet or did not finish ok (diverged, failed). The one place that knows a job directory's layout:
     ``metrics.json`` (``val/loss``, ``non_embedding_params``, ``step``, ``status``) and ``.hydra/config.yaml``
     (quant group, model width, batch shape: the tokens seen are steps x global batch x sequence length; ``label``:
     the ``scaling.pipeline_check`` of ``experiment=scaling_law``)."""
@@ -158,7 +158,9 @@ def read_job(job_dir: Path) -> dict | None:
         seed = saved.get("seed")
         label = OmegaConf.select(saved, "scaling.pipeline_check", default=None)
     except Exception as e:  # a damaged file: name it, never guess
-        raise InputError(f"{job_dir}: unreadable metrics.json or .hydra/config.yaml ({type(e).__name__}: {e})") from None
+        raise InputError(
+            f"{job_dir}: unreadable metrics.json or .hydra/config.yaml ({type(e).__name__}: {e})"
+        ) from None
     if not isinstance(metrics, dict) or metrics.get("status", "ok") != "ok":
         return None
     devices = trainer.get("devices")
@@ -170,7 +172,9 @@ def read_job(job_dir: Path) -> dict | None:
     name = quant_arm_name(quant.get("name", "quant"), quant.get("grid"), quant.get("w_bits"), quant.get("a_bits"))
     loss, params, step = metrics.get("val/loss"), metrics.get("non_embedding_params"), metrics.get("step")
     if not all(isinstance(v, (int, float)) for v in (loss, params, step)):
-        raise InputError(f"{metrics_path}: status ok but val/loss={loss!r}, non_embedding_params={params!r}, step={step!r}")
+        raise InputError(
+            f"{metrics_path}: status ok but val/loss={loss!r}, non_embedding_params={params!r}, step={step!r}"
+        )
     return {"precision": name, "params": float(params), "tokens": float(step * step_tokens), "loss": float(loss),
             "bits": float(bits), "seed": seed, "label": label}  # fmt: skip
 
@@ -181,7 +185,9 @@ _JOB = re.compile(r"^\d+_")
 
 def read_sweep(sweep_dir: Path) -> Runs:
     """Every finished job of a sweep directory (subdirectories ``<num>_...``), in job-number order."""
-    jobs = sorted((d for d in sweep_dir.iterdir() if d.is_dir() and _JOB.match(d.name)), key=lambda d: int(d.name.split("_")[0]))
+    jobs = sorted(
+        (d for d in sweep_dir.iterdir() if d.is_dir() and _JOB.match(d.name)), key=lambda d: int(d.name.split("_")[0])
+    )
     runs = Runs()
     skipped = 0
     for job in jobs:

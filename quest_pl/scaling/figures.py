@@ -1,6 +1,6 @@
 """The study's figures (PDF and PNG, readable at paper size), drawn with matplotlib's object API like the sweep's
 (:mod:`quest_pl.callbacks.figures`): loss against parameters with the fitted curves, eff(P) with intervals, and the
-memory frontier (docs/METHOD.md §7.4)."""
+memory frontier (docs/METHOD.md §9.4)."""
 
 from __future__ import annotations
 
@@ -42,8 +42,8 @@ def loss_vs_params(summary: dict, runs: Runs, colors: dict[str, str]):
         if off:
             ax.plot([runs.params[j] for j in off], [runs.loss[j] for j in off], "o", mfc="none", color=c, ms=4)
     ax.set_xscale("log")
-    ax.set(xlabel="non-embedding parameters N", ylabel="validation loss (nats/token)",
-           title=f"Loss vs size; lines: fitted {summary['law']} law at D = {ratio:.3g} N (hollow: other D/N)")  # fmt: skip
+    title = f"Loss vs size; lines: fitted {summary['law']} law at D = {ratio:.3g} N (hollow: other D/N)"
+    ax.set(xlabel="non-embedding parameters N", ylabel="validation loss (nats/token)", title=title)
     ax.title.set_fontsize(9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2)

@@ -1,5 +1,5 @@
 """Fitting a scaling law: Huber loss of log residuals, a grid of starts, an L-BFGS-B polish of the best
-(docs/METHOD.md §7.2).
+(docs/METHOD.md §9.2).
 
 The objective is ``sum_i w_i Huber_delta(log L_hat_i - log L_i)`` with ``delta = 1e-3``, as in Hoffmann et al.
 (arXiv 2203.15556, App. D.2) and the QuEST paper. Its landscape has local optima: with every run at about 100 tokens
@@ -78,7 +78,12 @@ class Problem:
         rows = np.asarray(rows, dtype=int)
         out = Problem.__new__(Problem)
         out.__dict__.update({k: v for k, v in self.__dict__.items() if not k.startswith("_cache")})
-        out.log_n, out.log_d, out.log_loss, out.idx = self.log_n[rows], self.log_d[rows], self.log_loss[rows], self.idx[rows]
+        out.log_n, out.log_d, out.log_loss, out.idx = (
+            self.log_n[rows],
+            self.log_d[rows],
+            self.log_loss[rows],
+            self.idx[rows],
+        )
         return out
 
     def _shift(self, theta: np.ndarray, sign: float) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The memory frontier of a fitted law (docs/METHOD.md §7.4): which precision gives the lowest loss at each model
+"""The memory frontier of a fitted law (docs/METHOD.md §9.4): which precision gives the lowest loss at each model
 memory, at a fixed number of tokens per parameter.
 
 A model of ``M`` bits in precision P (``bits_P`` bits per parameter, scales counted) has ``N = M / bits_P``

@@ -1,14 +1,15 @@
-"""The two scaling laws the fit knows, as log-predictions with their Jacobian (docs/METHOD.md §7.1).
+"""The two scaling laws the fit knows, as log-predictions with their Jacobian (docs/METHOD.md §9.1).
 
-* ``quest`` (QuEST, arXiv 2502.05003, eq. of §5): ``L(N, D, P) = A / (N eff(P))^alpha + B / D^beta + E``. A precision P
-  trains like a full-precision model with ``eff(P)`` times its ``N`` non-embedding parameters.
+* ``quest`` (QuEST, arXiv 2502.05003): ``L(N, D, P) = A / (N eff(P))^alpha + B / D^beta + E``. A precision P trains
+  like a full-precision model with ``eff(P)`` times its ``N`` non-embedding parameters.
 * ``quartet`` (Quartet, arXiv 2505.14669): ``L = ((A / (N effN(P)))^alpha + (B / (D effD(P)))^beta)^gamma + E``,
   a parameter efficiency for the forward pass and a data efficiency for the backward pass.
 
 The reference precision (``bf16``) has every efficiency 1. Internally a law is a vector ``theta``: the shared
 parameters first, in the coordinates the optimizer moves (``a = log A``, ``alpha``, ``b = log B``, ``beta``,
-``e = log E``; for quartet ``a = alpha log A``, ``b = beta log B`` and ``gamma``), then one log-efficiency per (efficiency, non-reference precision), so every
-positive quantity stays positive and ``log L`` is a log-sum-exp, as in Hoffmann et al. (arXiv 2203.15556, App. D.2).
+``e = log E``; for quartet ``a = alpha log A``, ``b = beta log B`` and ``gamma``), then one log-efficiency per
+(efficiency, non-reference precision), so every positive quantity stays positive and ``log L`` is a log-sum-exp, as
+in Hoffmann et al. (arXiv 2203.15556, App. D.2).
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ class Law:
     def init_log_eff(self, theta: np.ndarray, log_n, log_d, log_loss, idx) -> np.ndarray:
         """Given the shared parameters of ``theta``, each precision's (parameter) log-efficiency that makes its runs'
         losses exact, median over its runs (runs that no efficiency can fit are skipped): the start of the polish.
-        The law solved for ``x = log eff``: ``x = (a - log R) / alpha - log N`` with ``R`` the loss left to the N term."""
+        The law solved for ``x = log eff``: ``x = (a - log R) / alpha - log N``, ``R`` the loss left to the N term."""
         p = dict(zip(self.shared, theta[: len(self.shared)]))
         loss = np.exp(log_loss)
         if self.name == "quest":

@@ -1,9 +1,14 @@
 """``scaling.md``: the study's answer in one line, the efficiencies with intervals, the law's parameters, the
-frontier and what was fitted (docs/METHOD.md §7)."""
+frontier and what was fitted (docs/METHOD.md §9)."""
 
 from __future__ import annotations
 
 import datetime
+
+MEMORY_NOTE = (
+    "Memory = parameters x bits per parameter (scales counted where the input says so); a model of M bits in "
+    "precision P has N = M / bits(P) parameters and D = (tokens per parameter) x N tokens."
+)
 
 
 def _ci(interval, fmt: str = "{:.3g}") -> str:
@@ -55,8 +60,9 @@ def markdown(summary: dict, figures: list[str]) -> str:
     order = sorted(names, key=lambda p: (-summary["bits"][p], p))
     for p in order:
         mine = [r for r in runs if r["precision"] == p]
-        cells = [p, f"{summary['bits'][p]:.4g}", str(len(mine)), str(len({r['params'] for r in mine})),
-                 f"{summary['eff'][p]:.4f} {_ci(summary['eff_ci'][p])}", f"{summary['eff_per_bit'][p]:.3f}"]  # fmt: skip
+        eff = f"{summary['eff'][p]:.4f} {_ci(summary['eff_ci'][p])}"
+        sizes = str(len({r["params"] for r in mine}))
+        cells = [p, f"{summary['bits'][p]:.4g}", str(len(mine)), sizes, eff, f"{summary['eff_per_bit'][p]:.3f}"]
         if has_data_eff:
             cells.insert(5, f"{summary['eff_data'][p]:.4f} {_ci(summary['eff_data_ci'][p])}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -68,9 +74,8 @@ def markdown(summary: dict, figures: list[str]) -> str:
     front = summary["frontier"]
     lines += ["", f"## Frontier at {front['tokens_per_param']:.3g} tokens per parameter", "",
               "| memory from (bits) | to (bits) | optimal precision |", "|---|---|---|"]  # fmt: skip
-    lines += [f"| {s['from_bits']:.3g} | {s['to_bits']:.3g} | {s['precision']} ({s['bits']:g} bits) |"
-              for s in front["optimal"]]  # fmt: skip
-    lines += ["", "Memory = parameters x bits per parameter (scales counted where the input says so); a model of M bits "
-              "in precision P has N = M / bits(P) parameters and D = (tokens per parameter) x N tokens."]  # fmt: skip
+    for s in front["optimal"]:
+        lines.append(f"| {s['from_bits']:.3g} | {s['to_bits']:.3g} | {s['precision']} ({s['bits']:g} bits) |")
+    lines += ["", MEMORY_NOTE]
     lines += ["", "Figures (PDF and PNG): " + ", ".join(figures) + ".", ""]
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""The scaling-law study: runs in, ``scaling.json``, ``scaling.md`` and figures out (docs/METHOD.md §7).
+"""The scaling-law study: runs in, ``scaling.json``, ``scaling.md`` and figures out (docs/METHOD.md §9).
 
 :func:`fit_runs` fits a law with intervals and returns the summary (the content of ``scaling.json``);
 :func:`write_study` writes it. The CLI (``python -m quest_pl.scaling fit``) and the end of an ``experiment=scaling_law``
@@ -60,7 +60,9 @@ def check_settings(block, multirun: bool = True) -> None:
     from quest_pl.config import ConfigError
 
     if not multirun:
-        raise ConfigError("scaling: the scaling-law study is a sweep (experiment=scaling_law); run it without hydra.mode=RUN")
+        raise ConfigError(
+            "scaling: the scaling-law study is a sweep (experiment=scaling_law); run it without hydra.mode=RUN"
+        )
     settings = OmegaConf.to_container(block, resolve=True) if OmegaConf.is_config(block) else dict(block)
     label = settings.pop("pipeline_check", None)
     if label is not None and not isinstance(label, str):
@@ -80,7 +82,9 @@ def check_runs(runs: Runs, options: Options, strict: bool = True) -> Runs:
     :class:`InputError`; not strict: the precision is left out with a note), at least as many runs as parameters."""
     names = runs.precisions()
     if options.reference not in names:
-        raise InputError(f"no runs of the reference precision {options.reference!r} (eff = 1), found: {', '.join(names)}")
+        raise InputError(
+            f"no runs of the reference precision {options.reference!r} (eff = 1), found: {', '.join(names)}"
+        )
     single = [p for p in names if runs.precision.count(p) < 2]
     if single and strict:
         where = runs.source[runs.precision.index(single[0])]
@@ -114,47 +118,52 @@ def fit_runs(runs: Runs, options: Options, maxiter: int = MAXITER, starts: int =
     boot = bootstrap(problem, result, options.bootstrap, options.seed)
     bits = [runs.bits_of(p) for p in names]
     ratio = options.tokens_per_param
-    if ratio is None:
-        ref = idx == law.ref
-        ratio = float(np.median(np.exp(log_d[ref] - log_n[ref])))
+    if ratio is None:  # the reference runs' own tokens per parameter
+        ratio = float(np.median(np.exp(log_d - log_n)[idx == law.ref]))
     memory = fr.memory_grid(np.array(runs.params) * np.array(runs.bits))
-    _, best = fr.frontier(law, theta, bits, memory, ratio)
-    segs = fr.segments(best, memory)
+    segs = fr.segments(fr.frontier(law, theta, bits, memory, ratio)[1], memory)
 
-    def ci(values):
-        return boot.interval(values) if options.bootstrap else None
-
-    summary = {"law": law.name, "formula": FORMULA[law.name], "params": law.natural(theta), "params_ci": {}}
-    for j, name in enumerate(summary["params"]):
-        column = np.array([law.natural(t)[name] for t in boot.thetas]) if len(boot.thetas) else np.array([])
-        summary["params_ci"][name] = ci(column)
-        del j
+    summary = {"law": law.name, "formula": FORMULA[law.name], "params": law.natural(theta)}
+    replicas = [law.natural(t) for t in boot.thetas]
+    summary["params_ci"] = {k: _ci(boot, [r[k] for r in replicas]) for k in summary["params"]}
     for k, key in enumerate(law.efficiencies):
-        values = np.exp(law.log_eff(theta, k))
-        reps = np.exp(np.array([law.log_eff(t, k) for t in boot.thetas])) if len(boot.thetas) else np.zeros((0, len(names)))
-        summary[key] = dict(zip(names, map(float, values)))
-        summary[f"{key}_ci"] = {p: ci(reps[:, i]) for i, p in enumerate(names)}
+        reps = np.exp(np.array([law.log_eff(t, k) for t in boot.thetas]).reshape(len(boot.thetas), len(names)))
+        summary[key] = dict(zip(names, map(float, np.exp(law.log_eff(theta, k)))))
+        summary[f"{key}_ci"] = {p: _ci(boot, reps[:, i]) for i, p in enumerate(names)}
     summary["bits"] = dict(zip(names, bits))
-    summary["eff_per_bit"] = {p: summary["eff"][p] * 16 / b for p, b in zip(names, bits)}  # eff(P) * 16 / P
-    n_shared = len(law.shared)
-    at_bounds = sorted({law.shared[i] if i < n_shared else names_of_eff(law, names)[i - n_shared] for i in result.at_bounds})
-    summary |= {
-        "objective": result.objective,
-        "n_runs": len(runs),
-        "n_parameters": law.n_theta,
-        "converged": True,
-        "optimizer": {"message": result.message, "starts": len(result.starts), "start_objectives": result.starts,
-                      "at_bounds": at_bounds},  # fmt: skip
-        "bootstrap": {"replicates": boot.replicates, "failed": boot.failed, "seed": boot.seed, "level": boot.level,
-                      "unit": "configurations within each precision, then seeds within each configuration"},
-        "frontier": {"tokens_per_param": ratio, "optimal": [{"precision": names[p], "bits": bits[p], "from_bits": a,
-                     "to_bits": b} for p, a, b in segs], "answer": fr.answer(names, bits, segs, ratio)},
-        "runs": [{"precision": p, "params": n, "tokens": d, "loss": v, "bits": b, "seed": s, "source": src}
-                 for p, n, d, v, b, s, src in zip(runs.precision, runs.params, runs.tokens, runs.loss, runs.bits,
-                                                  runs.seed, runs.source)],
-        "notes": list(runs.notes),
-    }  # fmt: skip
+    summary["eff_per_bit"] = {p: summary["eff"][p] * 16 / b for p, b in zip(names, bits)}  # the paper's eff(P) 16 / P
+    labels = list(law.shared) + names_of_eff(law, names)
+    summary["objective"] = result.objective
+    summary["n_runs"] = len(runs)
+    summary["n_parameters"] = law.n_theta
+    summary["converged"] = True
+    summary["optimizer"] = {
+        "message": result.message,
+        "starts": len(result.starts),
+        "start_objectives": result.starts,
+        "at_bounds": [labels[i] for i in result.at_bounds],
+    }
+    summary["bootstrap"] = {
+        "replicates": boot.replicates,
+        "failed": boot.failed,
+        "seed": boot.seed,
+        "level": boot.level,
+        "unit": "configurations within each precision, then seeds within each configuration",
+    }
+    summary["frontier"] = {
+        "tokens_per_param": ratio,
+        "optimal": [{"precision": names[p], "bits": bits[p], "from_bits": a, "to_bits": b} for p, a, b in segs],
+        "answer": fr.answer(names, bits, segs, ratio),
+    }
+    columns = ("precision", "params", "tokens", "loss", "bits", "seed", "source")
+    summary["runs"] = [dict(zip(columns, row)) for row in zip(*(getattr(runs, c) for c in columns))]
+    summary["notes"] = list(runs.notes)
     return summary
+
+
+def _ci(boot, values) -> list[float] | None:
+    """The bootstrap interval of per-replicate ``values``; None without replicates."""
+    return None if not boot.replicates else boot.interval(np.asarray(values, dtype=float))
 
 
 def names_of_eff(law, names: list[str]) -> list[str]:
@@ -208,7 +217,12 @@ def sweep_study(sweep_dir: Path, settings: dict) -> None:
         lines = [f"# Scaling-law study: `{sweep_dir}`", ""]
         if label:
             lines += [f"**Pipeline check**: {label}", ""]
-        lines += [f"No fit: {e}.", "", f"Refit when more jobs have finished: `{refit_command([sweep_dir], sweep_dir, asdict(options))}`", ""]
+        lines += [
+            f"No fit: {e}.",
+            "",
+            f"Refit when more jobs have finished: `{refit_command([sweep_dir], sweep_dir, asdict(options))}`",
+            "",
+        ]
         atomic_write_text(sweep_dir / "scaling.md", "\n".join(lines))
         return
     log.info("scaling study: %s", summary["frontier"]["answer"])

@@ -29,7 +29,15 @@ GRID = {  # exponents and E as a fraction of the smallest loss
 }
 STARTS = 12
 MAXITER = 2000  # function evaluations of one polish
-TOL = 1e-10  # least_squares' ftol, xtol and gtol: relative changes of the objective and of theta, and the gradient
+CHUNK = 200  # evaluations between stationarity checks
+# least_squares' tolerances. The objective's: a relative change below 1e-8 per step is converged (where the runs
+# leave a direction flat, e.g. eff -> 0 with alpha -> 0, a stricter one crawls along the valley for ever); theta's and
+# the gradient's: 1e-10.
+FTOL = 1e-8
+TOL = 1e-10
+# ... or stationary: no coordinate moves the objective / delta by more than this per unit (projected onto the box).
+# A polish stopped early has gradients of order 1; a flat valley's floor, below 1e-3.
+GRAD_TOL = 1e-3
 
 
 class NotConverged(RuntimeError):
@@ -121,14 +129,30 @@ class Problem:
     def polish(self, theta0: np.ndarray, maxiter: int = MAXITER):
         """A trust-region Gauss-Newton polish from ``theta0`` of the same objective (scipy's ``least_squares`` with
         ``loss="huber"`` and ``f_scale=delta`` minimises exactly sum Huber_delta(r_i)), inside the bounds:
-        ``(theta, converged, message)``. Converged: it stopped on its tolerances, not on ``maxiter`` evaluations."""
+        ``(theta, converged, message)``. Converged: it stopped on its tolerances, or it ran out of evaluations at a
+        stationary point (:data:`GRAD_TOL`: the floor of a valley the runs leave flat)."""
         from scipy.optimize import least_squares
 
         lo, hi = np.array(self.bounds).T
-        x0 = np.clip(theta0, lo + 1e-12 * (hi - lo), hi - 1e-12 * (hi - lo))  # strictly inside, as trf requires
-        res = least_squares(self.residuals, x0, jac=self.jacobian, bounds=(lo, hi), method="trf", loss="huber",
-                            f_scale=DELTA, x_scale=1.0, ftol=TOL, xtol=TOL, gtol=TOL, max_nfev=maxiter)  # fmt: skip
-        return res.x, res.status > 0, f"{res.message} ({res.nfev} evaluations)"
+        x = np.clip(theta0, lo + 1e-12 * (hi - lo), hi - 1e-12 * (hi - lo))  # strictly inside, as trf requires
+        used, chunk = 0, min(CHUNK, maxiter)
+        while True:  # in chunks, so that a crawl along a flat valley stops once it is stationary
+            res = least_squares(self.residuals, x, jac=self.jacobian, bounds=(lo, hi), method="trf", loss="huber",
+                                f_scale=DELTA, x_scale=1.0, ftol=FTOL, xtol=TOL, gtol=TOL, max_nfev=chunk)  # fmt: skip
+            x, used = res.x, used + res.nfev
+            grad = self.projected_gradient(x)
+            converged = res.status > 0 or grad <= GRAD_TOL
+            if converged or used >= maxiter:
+                return x, converged, f"{res.message} ({used} evaluations, gradient {grad:.2g})"
+            chunk = min(CHUNK, maxiter - used)
+
+    def projected_gradient(self, theta: np.ndarray) -> float:
+        """Largest component of the gradient of objective / delta, zero where a bound blocks the descent."""
+        grad = self.jacobian(theta).T @ huber(self.residuals(theta))[1] / DELTA
+        lo, hi = np.array(self.bounds).T
+        near = 1e-9 * (hi - lo)
+        grad = np.where(((theta <= lo + near) & (grad > 0)) | ((theta >= hi - near) & (grad < 0)), 0.0, grad)
+        return float(np.abs(grad).max())
 
     # -- starts ----------------------------------------------------------------------------------------------------
     def grid_starts(self) -> list[np.ndarray]:
@@ -199,6 +223,6 @@ def refit(problem: Problem, theta0: np.ndarray, maxiter: int = MAXITER) -> FitRe
 
 def _result(problem: Problem, theta, converged, message, objectives) -> FitResult:
     lo, hi = np.array(problem.bounds).T
-    near = 1e-6 * (hi - lo)  # the polish keeps its iterates strictly inside the box
+    near = 1e-3 * (hi - lo)  # the polish keeps its iterates strictly inside the box, and crawls near a flat bound
     at_bounds = [int(i) for i in np.nonzero((theta <= lo + near) | (theta >= hi - near))[0]]
     return FitResult(problem.law, theta, problem.objective(theta), converged, message, objectives, at_bounds)

@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 # The run names and the resolvers of experiments/config.yaml live with the config (quest_pl.config.names): a
 # training run names itself, and the TensorBoard hparams of a run list its arm, below this layer.

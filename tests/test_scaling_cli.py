@@ -112,9 +112,9 @@ def test_flags_and_non_convergence_as_a_user_runs_them(tmp_path):
 def fake_sweep(root, precisions=tuple(EFF), layers=(1, 2, 4, 8), label="CPU ladder (test)", skip=()):
     """A sweep directory as experiment=scaling_law leaves it: one job per (layers, precision) with the job's
     ``.hydra/config.yaml`` and ``metrics.json``; losses from the known law at 100 tokens per parameter."""
-    from quest_pl.budget import non_embedding_params
     from quest_pl.config import compose
-    from quest_pl.sweep import register_resolvers
+    from quest_pl.config.budget import non_embedding_params
+    from quest_pl.config.names import register_resolvers
 
     register_resolvers()
     num = 0
@@ -187,7 +187,7 @@ def test_sweep_study_handles_too_few_sizes(tmp_path, capsys):
 
 def test_scaling_settings_checked_at_launch():
     from quest_pl.config import ConfigError, compose
-    from quest_pl.sweep import register_resolvers
+    from quest_pl.config.names import register_resolvers
 
     register_resolvers()
     cfg = compose("experiment=scaling_law")
@@ -209,9 +209,9 @@ def test_ladders_compose_and_validate(scale):
     from hydra.types import RunMode
 
     from quest_pl.config import compose, validate
+    from quest_pl.config.names import register_resolvers
     from quest_pl.model import LlamaConfig
     from quest_pl.quant import QuantConfig
-    from quest_pl.sweep import register_resolvers
 
     register_resolvers()
     extra = [f"+scale={scale}"] if scale else []

@@ -144,8 +144,8 @@ def read_job(job_dir: Path) -> dict | None:
 
     from omegaconf import OmegaConf
 
+    from quest_pl.config.names import quant_arm_name, register_resolvers
     from quest_pl.quant import QuantConfig
-    from quest_pl.sweep import quant_arm_name, register_resolvers
 
     register_resolvers()
     metrics_path, config_path = job_dir / "metrics.json", job_dir / ".hydra" / "config.yaml"

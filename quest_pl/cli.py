@@ -191,6 +191,10 @@ def precheck(argv: list[str]) -> None:
         QuantConfig.from_cfg(cfg.quant, LlamaConfig(n_layer=m.n_layer, d_model=m.d_model, n_head=m.n_head))
         if not multirun:  # after the values' own checks
             check_rules(cfg)
+    if first.get("scaling") is not None:  # experiment=scaling_law: its fit's settings, checked before any job
+        from quest_pl.scaling.study import check_settings
+
+        check_settings(first.scaling, multirun)
     out = Path(str(first.hydra.sweep.dir if multirun else first.hydra.run.dir)).expanduser()
     if out.exists() and not out.is_dir():
         key = "hydra.sweep.dir" if multirun else "hydra.run.dir"

@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 # The run names and the resolvers of experiments/config.yaml live with the config (quest_pl.config.names): a
 # training run names itself, and the TensorBoard hparams of a run list its arm, below this layer.
@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 
 class SweepReport(Callback):
     """Hydra callback (``hydra.callbacks.report`` in ``experiments/config.yaml``): when a multirun ends, write the
-    sweep's summary table, plots and PTQ rows into the sweep directory (:func:`quest_pl.report.write_report`)."""
+    sweep's summary table, plots and PTQ rows into the sweep directory (:func:`quest_pl.report.write_report`), and,
+    when the config has a ``scaling`` block (``experiment=scaling_law``), the scaling-law study
+    (:func:`quest_pl.scaling.study.sweep_study`)."""
 
     def __init__(self, enabled: bool = True, ptq: bool = True) -> None:
         self.enabled = enabled
@@ -52,3 +54,11 @@ class SweepReport(Callback):
             log.error("sweep report failed: %s", e)
         except Exception:  # a report failure must not hide the finished runs
             log.exception("sweep report failed; rerun it with: python -m quest_pl.report %s", sweep_dir)
+        if config.get("scaling") is not None:
+            from quest_pl.scaling.study import sweep_study
+
+            try:
+                sweep_study(sweep_dir, OmegaConf.to_container(config.scaling, resolve=True))
+            except Exception:  # never hide the finished runs; the study can be redone from the directory
+                log.exception("scaling study failed; redo it with: python -m quest_pl.scaling fit %s --out %s",
+                              sweep_dir, sweep_dir)  # fmt: skip

@@ -56,6 +56,8 @@ def test_every_arm_composes(experiment, scale):
         if scale == "gpu_30m":
             assert (cfg.model.d_model, cfg.trainer.precision, cfg.compile) == (640, "bf16-mixed", True)
             assert cfg.data.batch_size * cfg.trainer.accumulate_grad_batches * cfg.model.seq_len == 262_144
+        elif experiment == "scaling_law":  # steps from the token budget of each ladder size (tests/test_scaling_cli.py)
+            assert (cfg.model.d_model, cfg.scale.tokens_per_param) == (128, 0.5)
         else:
             assert (cfg.model.n_layer, cfg.model.d_model, cfg.trainer.max_steps) == (2, 128, 400)
     assert len(set(names)) == len(names), names

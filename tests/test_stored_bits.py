@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from quest_pl.export import encode_weight
+from quest_pl.packing import encode_weight
 from quest_pl.quant import QuantConfig, quantize_
 from quest_pl.quantizers.base import SCALE_BITS
 

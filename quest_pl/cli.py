@@ -5,8 +5,10 @@ Before Hydra creates a run directory, every override is checked against the comp
 would start is validated (:mod:`quest_pl.overrides`), so a bad input leaves nothing behind.
 
 Exit status: 0 done; 2 a user error (one ``error: ...`` line naming the key); 3 training diverged (``metrics.json`` says
-``"status": "diverged"``; in a sweep the other arms still run and the sweep exits 3 at the end); 130 Ctrl-C and 143
-SIGTERM (``checkpoints/last.ckpt`` written at the last completed step).
+``"status": "diverged"``; in a sweep the other arms still run and the sweep exits 3 at the end); 1 a sweep's job
+failed (recorded in its ``metrics.json``; the other jobs still ran); 130 Ctrl-C and 143 SIGTERM
+(``checkpoints/last.ckpt`` written at the last completed step; a sweep prints the ``sweep.resume=`` command that
+finishes it).
 """
 
 import logging
@@ -26,7 +28,9 @@ EXIT_CONFIG = 2
 EXIT_DIVERGED = 3
 EXIT_SIGINT = 130
 
-_state: dict = {"diverged": [], "new_dirs": []}
+EXIT_FAILED = 1
+
+_state: dict = {"diverged": [], "failed": [], "new_dirs": []}
 # What Hydra itself writes into a run directory before the job starts: a directory holding only these was created
 # by this command, and is removed again when the job fails on a user error.
 HYDRA_ARTIFACTS = {".hydra", "run.log"}
@@ -123,12 +127,52 @@ def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from quest_pl.train import Diverged, train
-
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     setup_logging()
     set_threads()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        return sweep_job(cfg, run_dir)
+    return run_job(cfg, run_dir, hydra_cfg)
+
+
+def sweep_job(cfg: DictConfig, run_dir: Path) -> float | None:
+    """One job of a sweep: skipped when an earlier attempt finished it, resumed from its ``last.ckpt`` when one was
+    interrupted (:func:`quest_pl.sweep.start_job`); a job that raises is recorded as failed and the sweep goes on."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from quest_pl import sweep
+
+    job_cfg = sweep.start_job(cfg, run_dir, echo)
+    if job_cfg is None:
+        return None
+    try:
+        value = run_job(job_cfg, run_dir, HydraConfig.get())
+    except SystemExit as e:
+        if e.code in (EXIT_SIGINT, 128 + 15):  # interrupted: the job resumes from its last.ckpt
+            echo(f"sweep interrupted; finish it with: {sweep.resume_command(run_dir.parent)}", error=True)
+            raise
+        sweep.record_failure(run_dir, RuntimeError(f"exit status {e.code}"))
+        _state["failed"].append(str(run_dir))
+        return None
+    except Exception as e:
+        log.exception("job %s failed", run_dir.name)
+        echo(f"error: job {run_dir.name} failed ({type(e).__name__}: {e}); the sweep goes on", error=True)
+        sweep.record_failure(run_dir, e)
+        _state["failed"].append(str(run_dir))
+        return None
+    status = "diverged" if str(run_dir) in _state["diverged"] else "ok"
+    sweep.end_job(run_dir, status)
+    return value
+
+
+def run_job(cfg: DictConfig, run_dir: Path, hydra_cfg) -> float | None:
+    """One run (training, PTQ, evaluation or probe) in ``run_dir``."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from quest_pl.train import Diverged, train
+
     try:
         if cfg.get("probe") is not None and cfg.probe.get("from"):  # alignment probe of a checkpoint (quest_pl.probe)
             from quest_pl.probe import run as run_probe
@@ -148,6 +192,8 @@ def main(cfg: DictConfig) -> float | None:
         else:
             metrics = train(cfg, run_dir)
     except ConfigError as e:
+        if hydra_cfg.mode == RunMode.MULTIRUN:  # every job was validated before the sweep: this one failed
+            raise
         echo(f"error: {e}", error=True)
         remove_if_fresh(run_dir)
         sys.exit(EXIT_CONFIG)
@@ -165,11 +211,14 @@ def main(cfg: DictConfig) -> float | None:
     return metrics.get("val/loss")
 
 
-def precheck(argv: list[str]) -> None:
-    """Check the command line and validate every job it starts, before Hydra creates anything."""
+def precheck(argv: list[str]) -> list[str]:
+    """Check the command line and validate every job it starts, before Hydra creates anything. Returns the command
+    line to run: a sweep's recorded command for ``sweep.resume=DIR`` (:func:`quest_pl.sweep.expand_resume`), and a
+    multirun's directory fixed (``hydra.sweep.dir``), its plan written to ``sweep.json`` (:mod:`quest_pl.sweep`)."""
     from hydra._internal.utils import get_args_parser
     from hydra.types import RunMode
 
+    from quest_pl import sweep
     from quest_pl.config import check_devices, check_rules, validate
     from quest_pl.model import LlamaConfig
     from quest_pl.overrides import compose_checked, job_overrides
@@ -178,19 +227,23 @@ def precheck(argv: list[str]) -> None:
     args = get_args_parser().parse_args(argv)
     if any((args.help, args.hydra_help, args.shell_completion, args.info, args.config_path, args.config_name,
             args.config_dir, args.experimental_rerun)):  # fmt: skip
-        return  # Hydra's own modes, or another primary config: Hydra checks
-    parsed, jobs, first = job_overrides(args.overrides)
+        return argv  # Hydra's own modes, or another primary config: Hydra checks
+    overrides, resuming = sweep.expand_resume(args.overrides)
+    parsed, jobs, first = job_overrides(overrides)
     if args.cfg:
-        return  # --cfg job: print the config, run nothing
+        return argv  # --cfg job: print the config, run nothing
     multirun = args.multirun or first.hydra.mode == RunMode.MULTIRUN
-    for overrides in jobs if multirun else jobs[:1]:
-        cfg = first if overrides is jobs[0] else compose_checked(overrides, parsed)
+    composed = []
+    for job in jobs if multirun else jobs[:1]:
+        cfg = first if job is jobs[0] else compose_checked(job, parsed)
         validate(cfg)
         check_devices(cfg)
+        check_cadence(cfg)
         m = cfg.model
         QuantConfig.from_cfg(cfg.quant, LlamaConfig(n_layer=m.n_layer, d_model=m.d_model, n_head=m.n_head))
         if not multirun:  # after the values' own checks
             check_rules(cfg)
+        composed.append((job, cfg))
     if first.get("scaling") is not None:  # experiment=scaling_law: its fit's settings, checked before any job
         from quest_pl.scaling.study import check_settings
 
@@ -200,27 +253,45 @@ def precheck(argv: list[str]) -> None:
         key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
         raise ConfigError(f"{key}={str(out)!r}: a file, not a directory")
     _state["new_dirs"] = [p.resolve() for p in [out, *out.parents] if not p.exists()]
+    if not multirun:
+        return argv
+    if not any(o.split("=", 1)[0] == "hydra.sweep.dir" for o in overrides):
+        # ${now:...} resolved once: the plan and Hydra use the same directory
+        overrides = [*overrides, f"hydra.sweep.dir={out}"]
+    sweep.plan_sweep(out, overrides, sweep.swept_keys(parsed, first), composed, resuming)
+    return (["-m"] if args.multirun else []) + overrides
+
+
+def check_cadence(cfg: DictConfig) -> None:
+    """Each diagnostic measures after step 0 within the run (:func:`quest_pl.cadence.check_cadences`)."""
+    from quest_pl.budget import budgeted_max_steps
+    from quest_pl.cadence import check_cadences
+
+    check_cadences(cfg.get("callbacks"), budgeted_max_steps(cfg))
 
 
 def cli() -> None:
     """Entry point of ``quest-pl`` and ``run.py``."""
-    from quest_pl.sweep import register_resolvers
+    from quest_pl.sweep_plan import register_resolvers
 
     keep_freed_memory()
     register_resolvers()  # ${arm_name:...} in run_name, before Hydra composes
     try:
-        precheck(sys.argv[1:])
+        sys.argv[1:] = precheck(sys.argv[1:])
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
     except KeyboardInterrupt:
         sys.exit(EXIT_SIGINT)
-    _state["diverged"] = []
+    _state["diverged"], _state["failed"] = [], []
     try:
         main()
     except KeyboardInterrupt:  # outside training (tokenisation, a second Ctrl-C): nothing to save
         print("\ninterrupted", file=sys.stderr)
         sys.exit(EXIT_SIGINT)
+    if _state["failed"]:
+        print(f"error: {len(_state['failed'])} job(s) failed: {', '.join(_state['failed'])}", file=sys.stderr)
+        sys.exit(EXIT_FAILED)
     if _state["diverged"]:
         print(f"error: {len(_state['diverged'])} arm(s) diverged: {', '.join(_state['diverged'])}", file=sys.stderr)
         sys.exit(EXIT_DIVERGED)

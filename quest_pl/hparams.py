@@ -16,8 +16,6 @@ read: restart it after the report.
 
 from __future__ import annotations
 
-import io
-import time
 from pathlib import Path
 
 METRICS = ("val/loss", "val/ppl")
@@ -110,18 +108,24 @@ def write_layout(logger) -> None:
     writer.flush()
 
 
-def event_file_bytes(summary_list: list) -> bytes:
-    """A complete TensorBoard event file (TFRecord framing) holding ``summary_list``."""
-    from tensorboard.compat.proto.event_pb2 import Event
-    from tensorboard.summary.writer.record_writer import RecordWriter
+def write_event_file(path: Path, summary_list: list) -> None:
+    """A TensorBoard event file at ``path`` (exactly that name, written atomically) holding ``summary_list``, written
+    by TensorBoard's own ``SummaryWriter`` into a temporary directory beside it: the writer names its files by the
+    time, and the sweep's file must sort first (:data:`SWEEP_EVENT_FILE`)."""
+    import tempfile
 
-    buf = io.BytesIO()
-    writer = RecordWriter(buf)
-    now = time.time()
-    writer.write(Event(wall_time=now, file_version="brain.Event:2").SerializeToString())
-    for summary in summary_list:
-        writer.write(Event(wall_time=now, summary=summary).SerializeToString())
-    return buf.getvalue()
+    from torch.utils.tensorboard import SummaryWriter
+
+    from quest_pl.io import TMP_PREFIX, atomic_write_bytes
+
+    with tempfile.TemporaryDirectory(prefix=TMP_PREFIX, dir=path.parent) as tmp:
+        writer = SummaryWriter(log_dir=tmp)
+        file_writer = writer._get_file_writer()
+        for summary in summary_list:
+            file_writer.add_summary(summary)
+        writer.close()
+        (written,) = Path(tmp).glob("events.out.tfevents.*")
+        atomic_write_bytes(path, written.read_bytes())
 
 
 def differing_keys(records: list[dict]) -> list[str]:
@@ -146,8 +150,6 @@ def write_sweep_hparams(tb_dirs: list[Path], per_job: list[dict]) -> list[Path]:
     """Write :data:`SWEEP_EVENT_FILE` into each ``tensorboard/`` directory with that job's values; every file lists
     the same columns (a column mixing numbers with null or strings is written as strings). Returns the files
     written."""
-    from quest_pl.io import atomic_write_bytes
-
     per_job = [dict(values) for values in per_job]
     columns: dict = {}
     for key in dict.fromkeys(k for values in per_job for k in values):
@@ -161,7 +163,7 @@ def write_sweep_hparams(tb_dirs: list[Path], per_job: list[dict]) -> list[Path]:
         if not tb.is_dir():
             continue
         path = tb / SWEEP_EVENT_FILE
-        atomic_write_bytes(path, event_file_bytes(summaries(values, columns)))
+        write_event_file(path, summaries(values, columns))
         written.append(path)
     return written
 

@@ -1,30 +1,235 @@
-"""Sweeps: readable arm names for job directories and the report written when a Hydra multirun ends.
+"""Sweeps that survive the night: the plan written before the first job, resume in place, progress between jobs, and
+the report when the multirun ends.
 
-An experiment file (``experiments/experiment/*.yaml``) sweeps over the ``quant`` group and the ``seeds`` list; each
-job's directory is ``<num>_<arm>_s<seed>``, where the arm name states the bits actually trained (``quest_w4a4`` becomes
-``quest_w3a3`` under ``quant.bits=3``), so TensorBoard pointed at the sweep directory lists the runs by arm and seed.
+* Before Hydra starts a multirun, the command line records the sweep's plan in ``<sweep dir>/sweep.json``
+  (:func:`plan_sweep`; the format is :mod:`quest_pl.sweep_plan`'s).
+* ``python run.py sweep.resume=DIR [overrides]`` re-runs the command recorded in ``DIR/sweep.json``, with the new
+  overrides on top (:func:`expand_resume`), in DIR: a finished job (``ok`` or ``diverged``) is skipped, an interrupted
+  one resumes from its own ``checkpoints/last.ckpt`` as a single run does (``ckpt_path``), a failed or never started
+  one runs; new seeds or arms add only their jobs. A job whose configuration differs from the one in its directory is
+  refused before anything runs, naming the key. Works for every experiment (and for plain ``-m`` sweeps).
+* Each job prints ``job i of n: <arm> seed s`` with the sweep's ETA (:func:`start_job`); a job that raises is recorded
+  as failed (:func:`record_failure`) and the sweep goes on; the command exits non-zero at the end.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+import time
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-# The run names and the resolvers of experiments/config.yaml live with the config (quest_pl.config.names): a
-# training run names itself, and the TensorBoard hparams of a run list its arm, below this layer.
-from quest_pl.config.names import (  # noqa: F401
-    ARM_RESOLVER,
-    SEEDS_RESOLVER,
-    arm_name,
-    quant_arm_name,
-    register_resolvers,
-    seed_list,
-)
+from quest_pl import sweep_plan
+from quest_pl.config import RESUME_IGNORED, RESUME_KEYS, ConfigError
+from quest_pl.config.names import arm_name, quant_arm_name, seed_list  # noqa: F401  (where earlier code imports them)
+from quest_pl.sweep_plan import register_resolvers  # noqa: F401
 
 log = logging.getLogger(__name__)
+
+RESUME_KEY = "sweep.resume"
+# What a job restarted from scratch (no checkpoint to resume from) leaves behind from its earlier attempt.
+ATTEMPT_OUTPUTS = ("metrics.json", "metrics.jsonl", "tensorboard", "csv", "checkpoints", "figures")
+_progress: dict = {"started": None, "durations": []}
+
+
+def resume_command(sweep_dir: Path) -> str:
+    return f"python run.py {RESUME_KEY}={sweep_dir}"
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def expand_resume(argv: list[str]) -> tuple[list[str], bool]:
+    """``argv`` with ``sweep.resume=DIR`` replaced by the command recorded in ``DIR/sweep.json`` (the new overrides
+    win where they set the same key), ``hydra.sweep.dir=DIR`` and multirun mode, and whether it resumes. Unchanged
+    without ``sweep.resume``. A directory that is missing, holds no sweep, or a sweep of another experiment is a
+    :class:`ConfigError`."""
+    resumes = [a for a in argv if _key(a) == RESUME_KEY]
+    if not resumes:
+        return argv, False
+    value = resumes[-1].split("=", 1)[1]
+    rest = [a for a in argv if _key(a) != RESUME_KEY]
+    if value in ("", "null"):
+        return rest, False
+    sweep_dir = Path(value).expanduser()
+    if not sweep_dir.exists():
+        raise ConfigError(f"{RESUME_KEY}={value!r}: no such directory")
+    if not sweep_dir.is_dir():
+        raise ConfigError(f"{RESUME_KEY}={value!r}: a file, not a sweep directory")
+    plan = sweep_plan.read_plan(sweep_dir)
+    if plan is None:
+        raise ConfigError(
+            f"{RESUME_KEY}={value!r}: not a sweep directory (no {sweep_plan.PLAN_FILE}; expected the directory a "
+            "multirun such as experiment=estimator_ablation created)"
+        )
+    if any(_key(a) == "hydra.sweep.dir" for a in rest):
+        raise ConfigError(f"{RESUME_KEY}={value!r}: resumes in DIR itself; drop hydra.sweep.dir")
+    experiments = [a.split("=", 1)[1] for a in rest if _key(a) == "experiment"]
+    if experiments and experiments[-1] != plan.get("experiment"):
+        raise ConfigError(
+            f"{RESUME_KEY}={value!r}: a sweep of experiment={plan.get('experiment')}, not experiment={experiments[-1]}"
+        )
+    new_keys = {_key(a) for a in rest}
+    merged = [o for o in plan.get("overrides", []) if _key(o) not in new_keys] + rest
+    return [*merged, f"hydra.sweep.dir={sweep_dir}", "hydra.mode=MULTIRUN"], True
+
+
+def recorded_overrides(argv: list[str]) -> list[str]:
+    """The command line as the plan records it: without the sweep directory and mode (given on resume)."""
+    return [a for a in argv if _key(a) not in ("hydra.sweep.dir", "hydra.mode", RESUME_KEY)]
+
+
+def swept_keys(parsed: list, composed: DictConfig) -> list[str]:
+    """The keys a sweep varies: the experiment's ``hydra.sweeper.params`` and the command line's sweeps."""
+    keys = list(OmegaConf.select(composed, "hydra.sweeper.params", default=None) or {})
+    keys += [o.key_or_group for o in parsed if o.is_sweep_override()]
+    return list(dict.fromkeys(keys))
+
+
+def _resume_values(cfg: DictConfig) -> dict:
+    """The keys a resume compares (:data:`quest_pl.config.RESUME_KEYS`), flattened."""
+    flat: dict = {}
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            flat[prefix[:-1]] = node
+
+    for group in ("model", "quant", "optim", "data", "seed", "trainer"):
+        node = cfg.get(group)
+        walk(OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node, f"{group}.")
+    return {
+        k: v
+        for k, v in flat.items()
+        if any(k == p or k.startswith(p + ".") for p in RESUME_KEYS) and k not in RESUME_IGNORED
+    }
+
+
+def check_same_config(job_dir: Path, cfg: DictConfig, sweep_dir: Path) -> None:
+    """A job already in the directory continues only with the configuration it ran with (first difference named)."""
+    saved_path = job_dir / ".hydra" / "config.yaml"
+    if not saved_path.is_file():
+        return
+    old, new = _resume_values(OmegaConf.load(saved_path)), _resume_values(cfg)
+    for key in list(old) + [k for k in new if k not in old]:
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if a != b:
+            raise ConfigError(
+                f"{RESUME_KEY}={sweep_dir}: job {job_dir.name} ran with {key}={a!r}, this command has {key}={b!r}; "
+                "resume with the same value (or start a new sweep)"
+            )
+
+
+def plan_sweep(
+    sweep_dir: Path, argv: list[str], swept: list[str], jobs: list[tuple[list[str], DictConfig]], resuming: bool
+) -> dict:
+    """The plan of this command merged into the directory's (jobs matched by their swept values), checked against
+    the jobs on disk, then written to ``sweep.json``. ``jobs``: (override list, composed config) per job, in launch
+    order. Raises :class:`ConfigError` before writing anything."""
+    old = sweep_plan.read_plan(sweep_dir) if sweep_dir.is_dir() else None
+    if old is not None and not resuming:
+        raise ConfigError(
+            f"hydra.sweep.dir={sweep_dir}: holds a sweep already; finish or extend it with {RESUME_KEY}={sweep_dir}"
+        )
+    earlier = (
+        sorted(p.name for p in sweep_dir.iterdir() if sweep_plan.JOB_DIR.match(p.name))
+        if old is None and sweep_dir.is_dir()
+        else []
+    )
+    if earlier:  # jobs of a sweep without a plan: this one would write into them and count them as its own
+        raise ConfigError(
+            f"hydra.sweep.dir={sweep_dir}: holds job directories of an earlier sweep ({earlier[0]}, ...); "
+            "use a new directory"
+        )
+    experiment = next((a.split("=", 1)[1] for a in reversed(argv) if _key(a) == "experiment"), None)
+    plan = old or {"version": sweep_plan.PLAN_VERSION, "experiment": experiment, "jobs": []}
+    swept = list(dict.fromkeys([*plan.get("swept", []), *swept]))
+    for job in plan["jobs"]:  # the older jobs' identities over the (possibly wider) set of swept keys
+        job["overrides"] = sweep_plan.identity(job["overrides"], swept)
+    known = {tuple(j["overrides"]): j for j in plan["jobs"]}
+    taken = {int(m.group(1)) for j in plan["jobs"] if (m := sweep_plan.JOB_DIR.match(j["dir"]))}
+    launch = []
+    for overrides, cfg in jobs:
+        key = sweep_plan.identity(overrides, swept)
+        arm, seed = str(cfg.run_name), int(cfg.seed)
+        job = known.get(tuple(key))
+        if job is None:
+            num = next(n for n in range(len(taken) + len(jobs) + 1) if n not in taken)
+            taken.add(num)
+            job = {"dir": f"{num}_{arm}_s{seed}", "arm": arm, "seed": seed, "overrides": key, "status": "not started"}
+            plan["jobs"].append(job)
+            known[tuple(key)] = job
+        else:
+            check_same_config(sweep_dir / job["dir"], cfg, sweep_dir)
+        job["max_steps"] = int(cfg.trainer.max_steps) if cfg.trainer.get("max_steps") is not None else None
+        launch.append(job["dir"])
+    plan.update(overrides=recorded_overrides(argv), swept=swept, launch=launch)
+    sweep_plan.write_plan(sweep_dir, plan)
+    return plan
+
+
+def start_job(cfg: DictConfig, run_dir: Path, echo) -> DictConfig | None:
+    """Before a sweep's job: print ``job i of n`` with the sweep's ETA; ``None`` when the job finished in an earlier
+    attempt (skip it), else the config to run: resuming from the job's ``last.ckpt`` when an earlier (interrupted or
+    failed) attempt left one, or from scratch (the earlier attempt's outputs removed)."""
+    from quest_pl.callbacks.progress import eta_text
+
+    sweep_dir = run_dir.parent
+    plan = sweep_plan.read_plan(sweep_dir) or {"jobs": [], "launch": []}
+    launch = plan.get("launch") or []
+    i = launch.index(run_dir.name) + 1 if run_dir.name in launch else len(_progress["durations"]) + 1
+    n = len(launch) or i
+    state = sweep_plan.job_state(run_dir)
+    label = f"job {i} of {n}: {cfg.run_name} seed {cfg.seed}"
+    if _progress["started"] is None:
+        _progress["started"] = time.monotonic()
+    if state["status"] in sweep_plan.FINISHED:
+        echo(f"{label}: finished earlier ({state['status']}), skipped")
+        return None
+    remaining = n - i + 1
+    done = _progress["durations"]
+    eta = f"sweep ETA {eta_text(remaining * sum(done) / len(done))}" if done else "sweep ETA after this job"
+    cfg = cfg.copy()
+    # An interrupted or failed attempt resumes from its last.ckpt (written at a step boundary: exact, as for a single
+    # run); without one the job starts afresh.
+    resume = state["checkpoint"] if not cfg.get("ckpt_path") else None
+    if resume:
+        with open_dict(cfg):
+            cfg.ckpt_path = resume
+        echo(f"{label} ({eta}): resuming from {resume}")
+    else:
+        if state["status"] != "not started":
+            for name in ATTEMPT_OUTPUTS:  # an earlier attempt that left nothing to resume from: start afresh
+                path = run_dir / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        echo(f"{label} ({eta})")
+    _progress["job_start"] = time.monotonic()
+    sweep_plan.record_status(sweep_dir, run_dir.name, "interrupted")
+    return cfg
+
+
+def end_job(run_dir: Path, status: str) -> None:
+    """After a sweep's job ran (not skipped): its time for the ETA, its status in ``sweep.json``."""
+    if _progress.get("job_start") is not None:
+        _progress["durations"].append(time.monotonic() - _progress.pop("job_start"))
+    sweep_plan.record_status(run_dir.parent, run_dir.name, status)
+
+
+def record_failure(run_dir: Path, error: BaseException) -> None:
+    """A job that raised: ``metrics.json`` with ``"status": "failed"`` and the error, so the report lists it and a
+    resume runs it again."""
+    from quest_pl.callbacks.metrics_log import last_step
+    from quest_pl.io import atomic_write_json
+
+    message = f"{type(error).__name__}: {error}".splitlines()[0]
+    atomic_write_json(run_dir / "metrics.json", {"status": "failed", "error": message, "step": last_step(run_dir)})
+    end_job(run_dir, "failed")
 
 
 class SweepReport(Callback):
@@ -44,7 +249,6 @@ class SweepReport(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         if not self.enabled:
             return
-        from quest_pl.config import ConfigError
         from quest_pl.report import write_report
 
         sweep_dir = self.sweep_dir or Path(str(config.hydra.sweep.dir))

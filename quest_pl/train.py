@@ -135,6 +135,10 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
         SaveRunConfig(run_config(cfg)),
         ModelSummary(max_depth=1),  # through logging (console and run.log), not a terminal-only table
     ]
+    if not progress_bar(cfg):  # redirected output: a line every few percent of the run instead of a bar
+        from quest_pl.callbacks.progress import ProgressLines
+
+        callbacks.append(ProgressLines(cfg.trainer.max_steps, cfg.trainer.log_every_n_steps))
     for name, spec in (cfg.get("callbacks") or {}).items():
         if spec is not None and "_target_" in spec:
             callbacks.append(hydra.utils.instantiate(spec))
@@ -161,14 +165,24 @@ def _instantiate(spec: dict, **fill):
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
-    """Every entry of the ``logger`` group (``logger=tensorboard|csv|wandb|many``), saving under the run dir."""
+    """Every entry of the ``logger`` group (``logger=tensorboard|csv|wandb|many``), saving under the run dir, then the
+    run's own metrics log (:class:`quest_pl.callbacks.metrics_log.MetricsLog`, whatever the group says), last so that
+    ``trainer.logger`` stays the group's first logger."""
+    from quest_pl.callbacks.metrics_log import MetricsLog
+
     group = cfg.get("logger")
     specs = OmegaConf.to_container(group, resolve=True) if group is not None else {}
     loggers = []
     for spec in specs.values():
         if spec is not None and "_target_" in spec:
             loggers.append(_instantiate(spec, save_dir=str(run_dir)))
-    return loggers
+    return [*loggers, MetricsLog(run_dir)]
+
+
+def progress_bar(cfg: DictConfig) -> bool:
+    """``trainer.enable_progress_bar``; null: a bar only on a terminal (no escape sequences in redirected logs)."""
+    progress = cfg.trainer.get("enable_progress_bar")
+    return sys.stdout.isatty() and sys.stderr.isatty() if progress is None else bool(progress)
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, loggers: list, callbacks: list):
@@ -180,9 +194,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, loggers: list, callbacks: list
     for key in PROJECT_TRAINER_KEYS:  # read by the project (quest_pl.budget), not arguments of the Trainer
         spec.pop(key, None)
     t = cfg.trainer
-    progress = spec.get("enable_progress_bar")
-    if progress is None:  # a progress bar only on a terminal: no escape sequences in redirected logs
-        progress = sys.stdout.isatty() and sys.stderr.isatty()
+    progress = progress_bar(cfg)
     accumulate = spec.get("accumulate_grad_batches", 1)
     return _instantiate(
         spec,
@@ -239,6 +251,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     dm.setup("fit")
     check_model_vocab_of(cfg.model.vocab_size, dm.vocab_size, "the prepared data's tokenizer")  # a hub tokenizer
     apply_token_budget(cfg, len(dm.train_tokens))  # trainer.tokens / scale.tokens_per_param -> trainer.max_steps
+    from quest_pl.cadence import check_cadences
+
+    check_cadences(cfg.get("callbacks"), cfg.trainer.max_steps)
     module = build_module(cfg, dm.vocab_size)
     if cfg.ckpt_path:
         check_compatible(cfg.ckpt_path, module)

@@ -31,11 +31,13 @@ class Recorder:
 
 
 def fake_trainer(tmp_path, step=0):
+    recorder = Recorder()
     return SimpleNamespace(
         global_step=step,
         world_size=1,
         strategy=SimpleNamespace(model=None),
-        logger=Recorder(),
+        logger=recorder,
+        loggers=[recorder],
         is_global_zero=True,
         default_root_dir=str(tmp_path),
     )

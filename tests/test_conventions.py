@@ -47,11 +47,14 @@ def test_fast_dev_run_trains_one_step(tmp_path):
 
 
 def test_loggers_from_the_group(tmp_path):
-    names = lambda *o: sorted(type(x).__name__ for x in build(tmp_path, *o).loggers)
-    assert names() == ["TensorBoardLogger"]
-    assert names("logger=csv") == ["CSVLogger"]
-    assert names("logger=many") == ["CSVLogger", "TensorBoardLogger"]
-    assert names("~logger") == []
+    """The group's loggers, then the run's own metrics log (always, last: ``trainer.logger`` is the group's first)."""
+    names = lambda *o: [type(x).__name__ for x in build(tmp_path, *o).loggers]
+    assert names() == ["TensorBoardLogger", "MetricsLog"]
+    assert names("logger=csv") == ["CSVLogger", "MetricsLog"]
+    assert sorted(names("logger=many")[:2]) == ["CSVLogger", "TensorBoardLogger"] and names("logger=many")[2:] == [
+        "MetricsLog"
+    ]
+    assert names("~logger") == ["MetricsLog"]
 
 
 def test_csv_logger_run(tmp_path):
@@ -61,6 +64,9 @@ def test_csv_logger_run(tmp_path):
     text = (tmp_path / "csv" / "metrics.csv").read_text()
     assert "train/loss" in text and "val/loss" in text
     assert not (tmp_path / "tensorboard").exists()
+    from quest_pl.callbacks.metrics_log import read_metrics_log
+
+    assert {"train/loss", "val/loss"} <= set(read_metrics_log(tmp_path))  # the run's own log, whatever the logger
 
 
 def test_wandb_offline_run(tmp_path, monkeypatch):

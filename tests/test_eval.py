@@ -263,7 +263,7 @@ def test_generate_from_a_damaged_export_is_one_line(trained, tmp_path, capsys):
     model_file.write_bytes(good)
     (tmp_path / "out" / "tokenizer.json").write_text("{not json")
     assert generate_main(args) == 2
-    one_error_line(capsys, "error: tokenizer=")
+    assert "is not a readable tokenizer.json" in one_error_line(capsys, "error: checkpoint=")
 
 
 def test_evaluate_on_another_data_config_uses_the_checkpoints_tokenizer(trained, tmp_path):

@@ -126,7 +126,7 @@ def test_every_experiment_sweeps_seeds():
     from omegaconf import OmegaConf
 
     sweep = OmegaConf.to_container(compose_hydra("experiment=estimator_ablation").hydra.sweep)
-    assert sweep["subdir"] == "${hydra.job.num}_${run_name}_s${seed}"
+    assert sweep["subdir"].startswith("${sweep_job_dir:${hydra.sweep.dir},${hydra.job.num},${run_name},${seed},")
 
 
 @pytest.mark.parametrize("seeds", ["[]", "[0,0]", "[a]"])
@@ -200,7 +200,7 @@ def test_multirun_end_to_end_writes_report(tmp_path):
     assert q["align_mean"] and q["mask_frac"] and float(q["val_loss"]) > 0
     assert "quest_w4a4" in (tmp_path / "summary.md").read_text()
     assert "Sweep summary" in out.stdout and "quest_w4a4" in out.stdout
-    assert q["verdict"] == "1 seed: pipeline check"
+    assert q["verdict"] == "1 pair: pipeline check"
     for name in ("loss_curves", "delta_bf16", "alignment_by_depth", "masked_fraction"):
         for ext in ("pdf", "png"):
             assert (tmp_path / f"{name}.{ext}").stat().st_size > 1000, name

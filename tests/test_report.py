@@ -85,12 +85,14 @@ def test_t_quantile_exact():
     assert t_quantile(0.975, 2) == pytest.approx(0.95 * math.sqrt(2 / (1 - 0.95**2)), rel=1e-9)  # t/sqrt(2+t^2)=.95
     for df, table in ((3, 3.182446), (4, 2.776445), (10, 2.228139), (30, 2.042272)):  # standard t tables
         assert t_quantile(0.975, df) == pytest.approx(table, abs=2e-6)
+    with pytest.raises(ValueError, match="df=0"):
+        t_quantile(0.975, 0)
 
 
 def test_paired_summary_hand_computed():
     """d = (0.05, 0.10, 0.02): mean 0.056667, s = sqrt(0.0032667 / 2) = 0.040415, half width t(0.975, 2) s / sqrt 3
     = 4.302653 x 0.023333 = 0.100395, interval [-0.043728, 0.157062]: contains 0."""
-    from quest_pl.report import SINGLE_SEED, paired_summary
+    from quest_pl.report.statistics import SINGLE_PAIR, paired_summary
 
     s = paired_summary([0.05, 0.10, 0.02])
     assert s["n"] == 3 and s["mean"] == pytest.approx(0.0566667, abs=1e-7)
@@ -101,14 +103,15 @@ def test_paired_summary_hand_computed():
     assert (s["low"], s["high"]) == (pytest.approx(0.485159, abs=2e-6), pytest.approx(0.534841, abs=2e-6))
     assert s["verdict"] == "significant"
     one = paired_summary([0.3])
-    assert (one["mean"], one["std"], one["low"], one["verdict"]) == (0.3, None, None, SINGLE_SEED)
+    assert (one["mean"], one["std"], one["low"], one["verdict"]) == (0.3, None, None, SINGLE_PAIR)
 
 
 # ---- the report ---------------------------------------------------------------------------------------------------
 
 
 def test_report_groups_seeds_with_paired_intervals(tmp_path):
-    from quest_pl.report import COLUMNS, write_report
+    from quest_pl.report import write_report
+    from quest_pl.report.tables import COLUMNS
 
     rows = write_report(fake_sweep(tmp_path), ptq=False)
     assert [r["arm"] for r in rows] == list(ARMS)
@@ -148,12 +151,13 @@ def test_report_groups_seeds_with_paired_intervals(tmp_path):
 
 
 def test_single_seed_is_a_pipeline_check(tmp_path):
-    from quest_pl.report import SINGLE_SEED, write_report
+    from quest_pl.report import write_report
+    from quest_pl.report.statistics import SINGLE_PAIR
 
     rows = write_report(fake_sweep(tmp_path, seeds=(0,)), ptq=False)
     q = next(r for r in rows if r["arm"] == "quest_w4a4")
-    assert q["verdict"] == SINGLE_SEED and q["delta_ci_low"] is None and q["val_loss_std"] is None
-    assert SINGLE_SEED in (tmp_path / "summary.md").read_text()
+    assert q["verdict"] == SINGLE_PAIR and q["delta_ci_low"] is None and q["val_loss_std"] is None
+    assert "1 seed: pipeline check" in (tmp_path / "summary.md").read_text()
 
 
 def test_old_sweep_without_seed_in_dir_names_groups_by_arm(tmp_path):
@@ -330,3 +334,56 @@ def test_runs_of_one_arm_name_with_different_settings_are_separate_arms(tmp_path
     assert low["val_loss"] == pytest.approx((4.05 + 4.20) / 2) and high["val_loss"] == pytest.approx(4.6)
     assert low["delta_bf16"] == pytest.approx(((4.05 - 4.00) + (4.20 - 4.10)) / 2)
     assert high["delta_bf16"] is None  # no BF16 run at optim.lr=0.01 to pair with
+
+
+# ---- what the statistics count ------------------------------------------------------------------------------------
+
+
+def test_a_duplicate_job_is_counted_once(tmp_path):
+    """The same arm and seed twice (a re-run job directory) is one seed and one pair: no interval from it, never
+    "significant"; the later finished job is the one kept."""
+    import shutil
+
+    from quest_pl.report import write_report
+    from quest_pl.report.statistics import SINGLE_PAIR
+
+    sweep = fake_sweep(tmp_path, seeds=(0,), arms={a: ARMS[a] for a in ("bf16", "quest_w4a4")})
+    shutil.copytree(sweep / "1_quest_w4a4_s0", sweep / "7_quest_w4a4_s0")
+    metrics = json.loads((sweep / "7_quest_w4a4_s0" / "metrics.json").read_text())
+    (sweep / "7_quest_w4a4_s0" / "metrics.json").write_text(json.dumps(dict(metrics, **{"val/loss": 4.07})))
+    q = {r["arm"]: r for r in write_report(sweep, ptq=False)}["quest_w4a4"]
+    assert (q["seeds"], q["pairs"], q["verdict"]) == (1, 1, SINGLE_PAIR)
+    assert q["delta_bf16"] == pytest.approx(0.07) and q["delta_ci_low"] is None
+    assert "| 1 | 1 |" in (sweep / "summary.md").read_text()  # seeds and pairs columns
+
+
+def test_every_statistic_of_an_arm_uses_the_same_paired_seeds(tmp_path):
+    """BF16 finished seeds 0 and 1 only: QuEST's three seeds give two pairs, and its mean loss, std and difference
+    are all over seeds 0 and 1; an arm left with one pair (two of three seeds diverged) has no interval."""
+    import shutil
+
+    from quest_pl.report import write_report
+    from quest_pl.report.statistics import SINGLE_PAIR
+
+    arms = {
+        "bf16": ARMS["bf16"],
+        "quest_w4a4": ARMS["quest_w4a4"],
+        "pact_w4a4": (ARMS["pact_w4a4"][0], [4.3, None, None]),
+    }
+    sweep = fake_sweep(tmp_path, arms=arms)
+    shutil.rmtree(sweep / "2_bf16_s2")
+    rows = {r["arm"]: r for r in write_report(sweep, ptq=False)}
+    q, pact = rows["quest_w4a4"], rows["pact_w4a4"]
+    assert (q["seeds"], q["pairs"]) == (3, 2)
+    assert q["val_loss"] == pytest.approx((4.05 + 4.20) / 2) and q["val_loss_std"] == pytest.approx(0.15 / math.sqrt(2))
+    assert q["delta_bf16"] == pytest.approx((0.05 + 0.10) / 2) and q["delta_ci_low"] is not None
+    assert (pact["seeds"], pact["pairs"], pact["verdict"]) == (3, 1, SINGLE_PAIR)
+    assert pact["status"] == "diverged 2/3"
+
+
+def test_identical_differences_are_never_significant():
+    """Two pairs with the same difference: zero spread gives no interval (a zero-width one would claim certainty)."""
+    from quest_pl.report.statistics import NO_SPREAD, paired_summary
+
+    s = paired_summary([0.002, 0.002])
+    assert (s["mean"], s["std"], s["low"], s["high"], s["verdict"]) == (0.002, 0.0, None, None, NO_SPREAD)

@@ -1,7 +1,11 @@
 """What the diagnostics callbacks share: when to measure, which layers, where to log and write (METHOD.md §4, §8).
 
 A diagnostic observes on its own steps only (``step % every_n_steps == 0``, ``step`` = ``trainer.global_step`` while
-the update is being computed, the step ``train/loss`` is logged at). Off those steps its hooks return at once: no
+the update is being computed, the step ``train/loss`` is logged at). ``every_n_steps: auto`` (the sweeps' default)
+spreads a diagnostic's points over the run: ``max(1, max_steps // points)`` with the diagnostic's ``POINTS`` (8 for
+the masked fraction, 4 for the costlier alignment, quantization error and persistence snapshots), resolved when
+training starts; a fixed cadence that would measure nothing after step 0 is refused at launch
+(:func:`quest_pl.cadence.check_cadences`). Off those steps its hooks return at once: no
 tensor is touched and nothing syncs with the device. Scalars go through ``trainer.logger.log_metrics`` at that step;
 figures are PNGs in ``<run dir>/figures/`` and TensorBoard images; tables are CSVs in the run dir. The run dir is
 ``trainer.default_root_dir`` (``quest_pl.train`` sets it to the Hydra run directory), so no callback needs Hydra.
@@ -20,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from quest_pl.cadence import AUTO, check_every, resolve_every
 from quest_pl.quant import QuantLinear, quant_layers
 
 BLOCK_INDEX = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
@@ -114,23 +119,30 @@ def write_csv(path: Path, header: list[str], rows: list[tuple]) -> None:
 
 
 class Diagnostic(L.Callback):
-    """Base class: ``every_n_steps`` gating, scalar logging and figure output (``figure_every_n_steps``: also draw
-    during training; ``None``: only at the end)."""
+    """Base class: ``every_n_steps`` gating (an integer, or ``auto``: about :attr:`POINTS` measurements per run),
+    scalar logging and figure output (``figure_every_n_steps``: also draw during training; ``None``: only at the
+    end)."""
 
-    def __init__(self, every_n_steps: int, figure_every_n_steps: int | None = None):
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps={every_n_steps}: expected a positive integer")
-        self.every_n_steps = every_n_steps
+    POINTS = 4
+
+    def __init__(self, every_n_steps: int | str, figure_every_n_steps: int | None = None):
+        check_every("every_n_steps", every_n_steps)
+        self.every_n_steps_spec = every_n_steps
+        self.every_n_steps = None if every_n_steps == AUTO else every_n_steps
         self.figure_every_n_steps = figure_every_n_steps
         self._figure_step: int | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.every_n_steps = resolve_every(self.every_n_steps_spec, trainer.max_steps, self.POINTS)
 
     def due(self, step: int) -> bool:
         return step % self.every_n_steps == 0
 
     @staticmethod
     def log_scalars(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
-        if trainer.logger is not None and metrics:
-            trainer.logger.log_metrics(metrics, step=step)
+        if metrics:  # every logger, not only trainer.logger (the first): the run's metrics log is one of them
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
 
     # -- figures and tables -------------------------------------------------------------------------------------
     def figures(self) -> dict:

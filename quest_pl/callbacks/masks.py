@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from quest_pl.cadence import AUTO, check_every, resolve_every
 from quest_pl.callbacks.base import Diagnostic, all_reduce_mean, diagnosed_layers, operands, run_dir, to_host, write_csv
 
 BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)
@@ -50,17 +51,20 @@ def persistence(old: Tensor, new: Tensor) -> tuple[int, int, int]:
 
 
 class MaskStatistics(Diagnostic):
+    POINTS = 8  # cheap: one mean per layer and operand
+    PERSIST_POINTS = 4
+
     def __init__(
         self,
-        every_n_steps: int = 50,
-        persist_every: int = 200,
+        every_n_steps: int | str = 50,
+        persist_every: int | str = 200,
         figure_every_n_steps: int | None = None,
         heatmap_layer: str | None = None,
     ):
         super().__init__(every_n_steps, figure_every_n_steps)
-        if persist_every < 1:
-            raise ValueError(f"persist_every={persist_every}: expected a positive integer")
-        self.persist_every = persist_every
+        check_every("persist_every", persist_every)
+        self.persist_every_spec = persist_every
+        self.persist_every = None if persist_every == AUTO else persist_every
         self.heatmap_layer = heatmap_layer
         self.fractions: list[tuple[int, str, str, float]] = []
         self.snapshots: dict[str, list[tuple[int, Tensor]]] = {}
@@ -68,6 +72,10 @@ class MaskStatistics(Diagnostic):
         self.expected: dict[str, float] = {}
         self._recording: list = []
         self._step: int | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self.persist_every = resolve_every(self.persist_every_spec, trainer.max_steps, self.PERSIST_POINTS)
 
     def _measured(self, step: int) -> bool:
         return self.due(step) or step % self.persist_every == 0

@@ -1,10 +1,12 @@
-"""Run names and the config's resolvers: ``${arm_name:${quant},${ptq},${probe}}`` names a job by the bits it trains
-(``quest_w4a4`` becomes ``quest_w3a3`` under ``quant.bits=3``), ``${seed_list:${seeds}}`` turns an experiment's seeds
-into the sweeper's choice list."""
+"""Run names and the config's resolvers: ``${arm_name:${quant},${ptq},${probe},${eval},<debug option>}`` names a run by
+what it trains (the bits: ``quest_w4a4`` becomes ``quest_w3a3`` under ``quant.bits=3``) or evaluates (``eval_<arm>``,
+``ptq_...``, ``probe_<arm>``); ``${seed_list:${seeds}}`` turns an experiment's seeds into the sweeper's choice
+list."""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -27,15 +29,46 @@ def quant_arm_name(name: str, grid: str | None, w_bits=None, a_bits=None) -> str
     return f"{_BITS_SUFFIX.sub('', name)}_w{_bits(w_bits)}a{_bits(a_bits)}"
 
 
-def arm_name(quant: DictConfig, ptq: DictConfig | None = None, probe: DictConfig | None = None) -> str:
-    """``run_name`` of a job: the quant arm's name (:func:`quant_arm_name`), the PTQ setting's name
-    (``ptq_<grid>_w<b>a<b>``, :class:`quest_pl.ptq.PTQConfig`) for a ``ptq.from=CKPT`` evaluation, or ``probe`` for
-    an alignment probe (``probe.from=CKPT``, :mod:`quest_pl.probe`)."""
+def _checkpoint_arm(path: str) -> str:
+    """The arm a checkpoint was trained as: from its run's ``.hydra/config.yaml`` (``<run>/checkpoints/x.ckpt``),
+    else from the config stored in the checkpoint; ``checkpoint`` when neither says."""
+    ckpt = Path(str(path)).expanduser()
+    saved = ckpt.parent.parent / ".hydra" / "config.yaml"
+    quant = None
+    try:
+        if saved.is_file():
+            quant = OmegaConf.to_container(OmegaConf.load(saved).get("quant"), resolve=True)
+        elif ckpt.is_file():
+            import torch
+
+            state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+            quant = (state.get("quest_pl_config") or {}).get("quant")
+    except Exception:  # an unreadable file: the run itself reports it in one line
+        quant = None
+    if not isinstance(quant, dict):
+        return "checkpoint"
+    return quant_arm_name(quant.get("name", "quant"), quant.get("grid"), quant.get("w_bits"), quant.get("a_bits"))
+
+
+def arm_name(
+    quant: DictConfig,
+    ptq: DictConfig | None = None,
+    probe: DictConfig | None = None,
+    evaluate: DictConfig | None = None,
+    debug: str | None = None,
+) -> str:
+    """``run_name`` of a run, naming what it trains or evaluates: the quant arm (:func:`quant_arm_name`); the PTQ
+    setting (``ptq_<grid>_w<b>a<b>``, :class:`quest_pl.config.ptq.PTQConfig`) for ``ptq.from=CKPT``; ``probe_<arm>`` and
+    ``eval_<arm>`` (the checkpoint's arm) for ``probe.from`` / ``eval.from``; ``debug_<option>_<arm>`` under
+    ``debug=<option>``."""
     if probe is not None and probe.get("from"):
-        return "probe"
+        return f"probe_{_checkpoint_arm(probe.get('from'))}"
     if ptq is not None and ptq.get("from"):
         return PTQConfig.name_of(ptq)  # not validated here: ptq.run reports bad values
-    return quant_arm_name(quant.get("name", "quant"), quant.get("grid"), quant.get("w_bits"), quant.get("a_bits"))
+    if evaluate is not None and evaluate.get("from"):
+        return f"eval_{_checkpoint_arm(evaluate.get('from'))}"
+    arm = quant_arm_name(quant.get("name", "quant"), quant.get("grid"), quant.get("w_bits"), quant.get("a_bits"))
+    return f"debug_{debug}_{arm}" if debug else arm
 
 
 def seed_list(seeds) -> str:
@@ -50,7 +83,7 @@ def seed_list(seeds) -> str:
 
 
 def register_resolvers() -> None:
-    """``${arm_name:${quant},${ptq},${probe}}`` for ``run_name`` in ``experiments/config.yaml`` and
+    """``${arm_name:...}`` for ``run_name`` in ``experiments/config.yaml`` and
     ``${seed_list:${seeds}}`` for the experiments' sweeps. Idempotent; called by ``run.py`` before Hydra composes,
     and by anything that resolves a saved config."""
     if not OmegaConf.has_resolver(ARM_RESOLVER):

@@ -1,0 +1,181 @@
+"""Sweeps that survive the night (end to end, CPU, tiny sizes): a sweep interrupted by SIGTERM and SIGKILL inside a
+job, by SIGTERM between jobs and SIGKILL during its report, with a job that raises, then finished with
+``sweep.resume=`` (and extended by a seed), ends with the per-job validation losses of an uninterrupted sweep bit for
+bit and a complete report; the bad ``sweep.resume`` inputs are one line and exit 2 with nothing written."""
+
+import csv
+import json
+import os
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.sweep_faults import VARIABLE
+
+SWEEP = (
+    "experiment=estimator_ablation", "quant=bf16,quest_w4a4", "trainer.max_steps=10", "trainer.val_check_interval=5",
+    "data.val_batches=1", "data.batch_size=4", "checkpoint.every_n_steps=2", "hydra.callbacks.report.ptq=false",
+    "+callbacks.fault._target_=tests.sweep_faults.JobFault",
+    "+hydra.callbacks.fault._target_=tests.sweep_faults.SweepFault",
+)  # fmt: skip
+# Columns of summary.csv that do not depend on timing (wall time, throughput) or on the logger.
+DETERMINISTIC = ("arm", "status", "seeds", "pairs", "val_loss", "val_loss_std", "delta_bf16", "delta_std",
+                 "delta_ci_low", "delta_ci_high", "verdict", "align_mean", "align_block0", "mask_frac",
+                 "steps")  # fmt: skip
+
+
+def run(*args, fault=None):
+    env = {k: v for k, v in os.environ.items() if k != VARIABLE}
+    if fault:
+        env[VARIABLE] = fault
+    return run_cli(*args, env=env)
+
+
+def losses(sweep_dir):
+    """(arm, seed) -> final val/loss as written in each job's metrics.json."""
+    from quest_pl.sweep_plan import job_states
+
+    return {(j["arm"], j["seed"]): j["val/loss"] for j in job_states(sweep_dir) if j["status"] == "ok"}
+
+
+def summary(sweep_dir):
+    with open(sweep_dir / "summary.csv") as f:
+        return [{k: r[k] for k in DETERMINISTIC} for r in csv.DictReader(f)]
+
+
+def states(sweep_dir):
+    from quest_pl.sweep_plan import job_states
+
+    return {j["dir"]: j for j in job_states(sweep_dir)}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted sweep: 2 arms x 2 seeds, TensorBoard logger (the default)."""
+    out = tmp_path_factory.mktemp("reference")
+    result = run(*SWEEP, "seeds=[0,1]", f"hydra.sweep.dir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_a_short_sweep_has_every_diagnostic(reference):
+    """trainer.max_steps=10 with the experiment's defaults (every_n_steps: auto): alignment, masked fraction and
+    mask persistence have data after step 0."""
+    rows = {r["arm"]: r for r in summary(reference)}
+    assert float(rows["quest_w4a4"]["align_mean"]) > 0 and float(rows["quest_w4a4"]["mask_frac"]) > 0
+    with open(reference / "2_quest_w4a4_s0" / "mask_persistence.csv") as f:
+        pairs = [r for r in csv.DictReader(f)]
+    assert pairs and all(int(r["new_step"]) > 0 for r in pairs)
+    assert (reference / "2_quest_w4a4_s0" / "alignment.csv").is_file()
+
+
+@pytest.mark.slow
+def test_interrupted_failed_and_extended_sweep_resumes_to_the_same_losses(reference, tmp_path):
+    sweep = tmp_path / "sweep"
+    resume = f"sweep.resume={sweep}"
+    # A: SIGTERM inside the first job, started with logger=csv and one seed
+    a = run(*SWEEP, "seeds=[0]", "logger=csv", f"hydra.sweep.dir={sweep}", fault="0_bf16_s0:4:sigterm")
+    assert a.returncode == 143, a.stderr[-3000:]
+    assert f"finish it with: python run.py {resume}" in a.stderr
+    job = states(sweep)["0_bf16_s0"]
+    assert job["status"] == "interrupted" and job["checkpoint"]
+    assert states(sweep)["1_quest_w4a4_s0"]["status"] == "not started"
+    # B: the interrupted job resumes from its last.ckpt; the next one raises: recorded, the sweep ends, exit 1
+    b = run(resume, fault="1_quest_w4a4_s0:2:raise")
+    assert b.returncode == 1, b.stderr[-3000:]
+    assert "resuming from" in b.stdout and "injected failure" in b.stderr
+    assert states(sweep)["1_quest_w4a4_s0"]["status"] == "failed"
+    md = (sweep / "summary.md").read_text()
+    assert md.startswith("**incomplete: 1 of 2 jobs finished (1 failed)") and "incomplete: 1 of 2 jobs" in b.stdout
+    # C: add a seed (and switch logger): only the new jobs and the failed one run; SIGTERM between two jobs
+    before = (sweep / "0_bf16_s0" / "metrics.json").stat().st_mtime_ns
+    c = run(resume, "seeds=[0,1]", "logger=many", fault="between:1_quest_w4a4_s0")
+    assert c.returncode == -15, c.stderr[-3000:]
+    assert "job 1 of 4: bf16 seed 0: finished earlier (ok), skipped" in c.stdout
+    assert (sweep / "0_bf16_s0" / "metrics.json").stat().st_mtime_ns == before
+    assert [states(sweep)[d]["status"] for d in ("1_quest_w4a4_s0", "2_bf16_s1", "3_quest_w4a4_s1")] == [
+        "ok", "ok", "not started"
+    ]  # fmt: skip
+    # D: SIGKILL inside the last job, after its periodic checkpoint at step 4
+    d = run(resume, fault="3_quest_w4a4_s1:5:sigkill")
+    assert d.returncode == -9, d.stderr[-3000:]
+    assert states(sweep)["3_quest_w4a4_s1"]["status"] == "interrupted"
+    # E: SIGKILL while the report is being written
+    e = run(resume, fault="report")
+    assert e.returncode == -9, e.stderr[-3000:]
+    assert "3_quest_w4a4_s1/checkpoints/last.ckpt" in e.stdout  # resumed, not restarted
+    assert not (sweep / "summary.md").read_text().startswith("**incomplete") or True
+    # F: nothing left to run; the report is complete and equal to the uninterrupted sweep's
+    f = run(resume)
+    assert f.returncode == 0, f.stderr[-3000:]
+    assert f.stdout.count("finished earlier") == 4 and "incomplete" not in f.stdout
+    assert not (sweep / "summary.md").read_text().startswith("**incomplete")
+    assert losses(sweep) == losses(reference) and len(losses(sweep)) == 4  # bit for bit
+    assert summary(sweep) == summary(reference)
+    plan = json.loads((sweep / "sweep.json").read_text())
+    assert {j["status"] for j in plan["jobs"]} == {"ok"} and plan["experiment"] == "estimator_ablation"
+
+
+def test_bad_resume_is_one_line_and_writes_nothing(monkeypatch, capsys, tmp_path):
+    """A missing path, a directory that holds no sweep, a sweep of another experiment: one line, exit 2, no file."""
+    from quest_pl.io import atomic_write_json
+    from tests.test_errors import run_cli_inprocess
+
+    other = tmp_path / "other"
+    atomic_write_json(other / "sweep.json", {"version": 1, "experiment": "bits_sweep", "jobs": []})
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "old" / "0_bf16_s0").mkdir(parents=True)  # a sweep from before plans were recorded
+    cases = [
+        ([f"sweep.resume={tmp_path / 'missing'}"], "no such directory"),
+        ([f"sweep.resume={tmp_path / 'plain'}"], "not a sweep directory"),
+        ([f"sweep.resume={other}", "experiment=estimator_ablation"], "a sweep of experiment=bits_sweep, not"),
+        (["experiment=estimator_ablation", "trainer.max_steps=40", "callbacks.grad_alignment.every_n_steps=100",
+          f"hydra.sweep.dir={tmp_path / 'new'}"], "measures nothing after step 0 within trainer.max_steps=40"),
+        (["experiment=estimator_ablation", f"hydra.sweep.dir={other}"], "holds a sweep already; finish or extend it"),
+        (["experiment=estimator_ablation", f"hydra.sweep.dir={tmp_path / 'old'}"], "job directories of an earlier"),
+    ]  # fmt: skip
+    for args, why in cases:
+        code, _, err = run_cli_inprocess(monkeypatch, capsys, tmp_path, *args)
+        assert code == 2 and err.startswith("error: ") and why in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["0_bf16_s0", "old", "other", "plain", "sweep.json"]
+
+
+@pytest.mark.slow
+def test_resume_with_another_config_is_refused(monkeypatch, capsys, reference):
+    """A job already in the directory continues only with the configuration it ran with: the key is named."""
+    from tests.test_errors import run_cli_inprocess
+
+    plan = (reference / "sweep.json").read_bytes()
+    code, _, err = run_cli_inprocess(monkeypatch, capsys, reference, f"sweep.resume={reference}", "optim.lr=0.01")
+    assert code == 2 and "ran with optim.lr=" in err and "this command has optim.lr=0.01" in err, err
+    assert (reference / "sweep.json").read_bytes() == plan
+
+
+def test_runs_are_named_by_what_they_evaluate(tmp_path):
+    """eval.from / probe.from name the checkpoint's arm (from its run's saved config), debug=... says so: none of
+    them lands in outputs/bf16/."""
+    from omegaconf import OmegaConf
+
+    from quest_pl.sweep_plan import register_resolvers
+    from tests.conftest import compose
+
+    register_resolvers()
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    quant = {"name": "quest_w4a4", "grid": "gaussian_mse", "w_bits": 4, "a_bits": 4}
+    OmegaConf.save(OmegaConf.create({"quant": quant}), run / ".hydra" / "config.yaml")
+    ckpt = run / "checkpoints" / "last.ckpt"
+    ckpt.write_bytes(b"")
+
+    def name(*overrides):
+        from quest_pl.config import compose as compose_config
+
+        return str(compose_config(*overrides, return_hydra_config=True).run_name)
+
+    assert name(f"eval.from={ckpt}") == "eval_quest_w4a4"
+    assert name(f"probe.from={ckpt}") == "probe_quest_w4a4"
+    assert name("debug=fast_dev_run") == "debug_fast_dev_run_bf16"
+    assert name("quant=quest_w4a4", "quant.bits=3") == "quest_w3a3"
+    assert compose("quant=bf16").run_name == "bf16"

@@ -60,6 +60,9 @@ EXAMPLES = {
     "eval.batch_size": (["eval.batch_size=4"], ["eval.text_file=a.txt", "eval.from=x.ckpt", "eval.batch_size=4"]),
     "ptq.act_grid": (["ptq.act_grid=uniform"], ["ptq.act_bits=4", "ptq.act_grid=uniform"]),
     "ptq.calib_batches": (["ptq.calib_batches=4"], ["ptq.method=aqlm", "ptq.calib_batches=4"]),
+    "probe.quant": (["probe.quant=[quest_w4a4]"], ["probe.from=x.ckpt", "probe.quant=[quest_w4a4]"]),
+    "probe.batches": (["probe.batches=2"], ["probe.from=x.ckpt", "probe.batches=2"]),
+    "probe.device": (["probe.device=cpu"], ["probe.from=x.ckpt", "probe.device=cpu"]),
 }
 
 

@@ -68,6 +68,7 @@ class Rule:
 
 
 _GRID = "needs a quantizer grid, and quant.grid is null (nothing is quantized); choose one (e.g. quant=quest_w4a4)"
+_PROBE = "acts only with probe.from=CHECKPOINT"
 _COMPRESSED = "acts only with a compressed gradient hook: set grad_comm.hook=quantized or correlated"
 
 RULES: tuple[Rule, ...] = (
@@ -82,14 +83,14 @@ RULES: tuple[Rule, ...] = (
         "quant.backward_format",
         _differs("nvfp4"),
         lambda cfg: _get(cfg, "quant.backward") not in (None, "none"),
-        "acts only with a quantized backward: set quant.backward=sr or rtn_rht",
+        "acts only with a quantized backward: set quant.backward=sr, rtn or rtn_rht",
         per_arm=True,
     ),
     Rule(
         "quant.backward_operands",
         _differs("grad"),
         lambda cfg: _get(cfg, "quant.backward") not in (None, "none"),
-        "acts only with a quantized backward: set quant.backward=sr or rtn_rht",
+        "acts only with a quantized backward: set quant.backward=sr, rtn or rtn_rht",
         per_arm=True,
     ),
     Rule(
@@ -128,6 +129,9 @@ RULES: tuple[Rule, ...] = (
     Rule("eval.batch_size", _differs(16), _set("eval.text_file"), "acts only with eval.text_file=FILE"),
     Rule("ptq.act_grid", _not_null, _set("ptq.act_bits"), "acts only with ptq.act_bits set (quantized activations)"),
     Rule("ptq.calib_batches", _differs(16), _equals("ptq.method", "aqlm"), "acts only with ptq.method=aqlm"),
+    Rule("probe.quant", _differs(["ste_w4a4", "trust_w4a4", "quest_w4a4"]), _set("probe.from"), _PROBE),
+    Rule("probe.batches", _differs(4), _set("probe.from"), _PROBE),
+    Rule("probe.device", _differs("auto"), _set("probe.from"), _PROBE),
 )
 
 

@@ -205,7 +205,7 @@ def test_scaling_settings_checked_at_launch():
 @pytest.mark.parametrize("scale", [None, "gpu_ladder"])
 def test_ladders_compose_and_validate(scale):
     """Every size of each ladder (with QuEST W4A4) and every precision (at the largest size) composes and passes the
-    checks a job runs first; the job directory names the size."""
+    checks a job runs first; job directories are the ones the sweep's plan gives (so its report sees every job)."""
     from hydra.types import RunMode
 
     from quest_pl.config import compose, validate
@@ -217,7 +217,7 @@ def test_ladders_compose_and_validate(scale):
     extra = [f"+scale={scale}"] if scale else []
     sweep = compose("experiment=scaling_law", *extra, return_hydra_config=True)
     assert sweep.hydra.mode == RunMode.MULTIRUN
-    assert "runtime.choices.model" in OmegaConf.to_container(sweep.hydra.sweep)["subdir"]
+    assert "sweep_job_dir" in OmegaConf.to_container(sweep.hydra.sweep)["subdir"]
     models = sweep.hydra.sweeper.params.model.split(",")
     quants = sweep.hydra.sweeper.params.quant.split(",")
     assert "bf16" in quants and len(models) >= 3

@@ -79,19 +79,15 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule("quant.backward", _differs("none"), _quantized, _GRID, per_arm=True),
     Rule("quant.hadamard", _differs(False), _quantized, _GRID, per_arm=True),
-    Rule(
-        "quant.backward_format",
-        _differs("nvfp4"),
-        lambda cfg: _get(cfg, "quant.backward") not in (None, "none"),
-        "acts only with a quantized backward: set quant.backward=sr, rtn or rtn_rht",
-        per_arm=True,
-    ),
-    Rule(
-        "quant.backward_operands",
-        _differs("grad"),
-        lambda cfg: _get(cfg, "quant.backward") not in (None, "none"),
-        "acts only with a quantized backward: set quant.backward=sr, rtn or rtn_rht",
-        per_arm=True,
+    *(
+        Rule(
+            f"quant.{k}",
+            _differs(d),
+            lambda cfg: _get(cfg, "quant.backward") not in (None, "none"),
+            "acts only with a quantized backward: set quant.backward=sr, rtn or rtn_rht",
+            per_arm=True,
+        )
+        for k, d in (("backward_format", "nvfp4"), ("backward_operands", "grad"))
     ),
     Rule(
         "quant.hadamard_mode",

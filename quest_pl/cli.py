@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from quest_pl.config import CONFIG_DIR, ConfigError
 
@@ -65,8 +65,11 @@ def setup_logging() -> None:
 
 
 def echo(message: str, error: bool = False) -> None:
-    """Print a line as is (``error: ...`` on stderr) and put it in ``run.log`` too."""
-    print(message, file=sys.stderr if error else sys.stdout, flush=True)
+    """Print a line as is (``error: ...`` on stderr; a parallel sweep's job puts its name in front) and put it in
+    ``run.log`` too."""
+    from quest_pl.workers import console_prefix
+
+    print(console_prefix() + message, file=sys.stderr if error else sys.stdout, flush=True)
     record = logging.LogRecord("quest_pl", logging.ERROR if error else logging.INFO, __file__, 0, message, None, None)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
@@ -138,32 +141,70 @@ def main(cfg: DictConfig) -> float | None:
 
 def sweep_job(cfg: DictConfig, run_dir: Path) -> float | None:
     """One job of a sweep: skipped when an earlier attempt finished it, resumed from its ``last.ckpt`` when one was
-    interrupted (:func:`quest_pl.sweep.start_job`); a job that raises is recorded as failed and the sweep goes on."""
+    interrupted (:func:`quest_pl.sweep.start_job`); a job that raises is recorded as failed and the sweep goes on.
+    Under ``sweep.workers`` > 1 the job runs in a forked process beside the others (:mod:`quest_pl.workers`)."""
+    from quest_pl import sweep, workers
+
+    jobs = workers.pool()
+    if jobs.parallel:
+        jobs.wait(below=jobs.size)  # a free slot before the job's "job i of n" line
+    job_cfg = sweep.start_job(cfg, run_dir, echo, workers=jobs.size)
+    if job_cfg is None:
+        return None
+    if jobs.parallel:
+        if job_cfg.trainer.get("enable_progress_bar") is None:  # lines, not bars: several jobs share the console
+            with open_dict(job_cfg):
+                job_cfg.trainer.enable_progress_bar = False
+        jobs.start(run_dir, lambda: JOB_EXIT[run_sweep_job(job_cfg, run_dir, parallel=True)])
+        return None
+    value: list = []
+    status = run_sweep_job(job_cfg, run_dir, value=value)
+    job_ended(run_dir, status, None, None)
+    return value[0] if value else None
+
+
+# A sweep job's status -> the exit status of its process under sweep.workers > 1 (quest_pl.workers reads it back)
+JOB_EXIT = {"ok": 0, "failed": EXIT_FAILED, "diverged": EXIT_DIVERGED}
+
+
+def run_sweep_job(cfg: DictConfig, run_dir: Path, parallel: bool = False, value: list | None = None) -> str:
+    """Run a sweep's job; its status: ``ok``, ``diverged`` or ``failed`` (recorded in its ``metrics.json``, the
+    sweep goes on). An interrupted job raises ``SystemExit`` (130 or 143) after its ``last.ckpt``."""
     from hydra.core.hydra_config import HydraConfig
 
     from quest_pl import sweep
 
-    job_cfg = sweep.start_job(cfg, run_dir, echo)
-    if job_cfg is None:
-        return None
     try:
-        value = run_job(job_cfg, run_dir, HydraConfig.get())
+        result = run_job(cfg, run_dir, HydraConfig.get())
     except SystemExit as e:
         if e.code in (EXIT_SIGINT, 128 + 15):  # interrupted: the job resumes from its last.ckpt
-            echo(f"sweep interrupted; finish it with: {sweep.resume_command(run_dir.parent)}", error=True)
+            if not parallel:  # (in parallel the sweep's own process says it, once)
+                echo(f"sweep interrupted; finish it with: {sweep.resume_command(run_dir.parent)}", error=True)
             raise
         sweep.record_failure(run_dir, RuntimeError(f"exit status {e.code}"))
-        _state["failed"].append(str(run_dir))
-        return None
+        return "failed"
     except Exception as e:
         log.exception("job %s failed", run_dir.name)
         echo(f"error: job {run_dir.name} failed ({type(e).__name__}: {e}); the sweep goes on", error=True)
         sweep.record_failure(run_dir, e)
+        return "failed"
+    if value is not None:
+        value.append(result)
+    return "diverged" if str(run_dir) in _state["diverged"] else "ok"
+
+
+def job_ended(run_dir: Path, status: str, seconds: float | None, error: str | None) -> None:
+    """A sweep's job ended (in this process, or in a worker's: :mod:`quest_pl.workers`): its status in
+    ``sweep.json``, a failure the job could not record itself in its ``metrics.json``, the sweep's exit status."""
+    from quest_pl import sweep
+
+    if error is not None:
+        sweep.record_failure(run_dir, RuntimeError(error))
+    if status == "failed":
         _state["failed"].append(str(run_dir))
-        return None
-    status = "diverged" if str(run_dir) in _state["diverged"] else "ok"
-    sweep.end_job(run_dir, status)
-    return value
+    elif status == "diverged" and str(run_dir) not in _state["diverged"]:
+        _state["diverged"].append(str(run_dir))
+    sweep.end_job(run_dir, status, seconds)
 
 
 def run_job(cfg: DictConfig, run_dir: Path, hydra_cfg) -> float | None:
@@ -218,7 +259,7 @@ def precheck(argv: list[str]) -> list[str]:
     from hydra._internal.utils import get_args_parser
     from hydra.types import RunMode
 
-    from quest_pl import sweep
+    from quest_pl import sweep, workers
     from quest_pl.config import check_devices, check_rules, validate
     from quest_pl.model import LlamaConfig
     from quest_pl.overrides import compose_checked, job_overrides
@@ -233,6 +274,7 @@ def precheck(argv: list[str]) -> list[str]:
     if args.cfg:
         return argv  # --cfg job: print the config, run nothing
     multirun = args.multirun or first.hydra.mode == RunMode.MULTIRUN
+    workers.check_value(first, multirun)
     composed = []
     for job in jobs if multirun else jobs[:1]:
         cfg = first if job is jobs[0] else compose_checked(job, parsed)
@@ -258,7 +300,9 @@ def precheck(argv: list[str]) -> list[str]:
     if not any(o.split("=", 1)[0] == "hydra.sweep.dir" for o in overrides):
         # ${now:...} resolved once: the plan and Hydra use the same directory
         overrides = [*overrides, f"hydra.sweep.dir={out}"]
+    size = workers.resolve(first, first.hydra, [cfg for _, cfg in composed])
     sweep.plan_sweep(out, overrides, sweep.swept_keys(parsed, first), composed, resuming)
+    workers.configure(size, job_ended)
     return (["-m"] if args.multirun else []) + overrides
 
 
@@ -268,6 +312,25 @@ def check_cadence(cfg: DictConfig) -> None:
     from quest_pl.cadence import check_cadences
 
     check_cadences(cfg.get("callbacks"), budgeted_max_steps(cfg))
+
+
+def wait_for_jobs() -> None:
+    """Under ``sweep.workers`` > 1, before the command ends: wait for the jobs still running (an error or a signal in
+    this process stops them at their next step boundary first); when the sweep was interrupted, print the command that
+    finishes it and exit 130 or 143 (:mod:`quest_pl.workers`)."""
+    import signal
+
+    from quest_pl import sweep, workers
+
+    jobs = workers.pool()
+    if jobs.running and not jobs.interrupted:  # this process is ending on an error: the jobs save and stop
+        jobs.stop(signal.SIGTERM)
+    if jobs.running:
+        print(f"waiting for {len(jobs.running)} running job(s) to save their checkpoints", file=sys.stderr, flush=True)
+        jobs.wait()
+    if jobs.interrupted and jobs.sweep_dir is not None:
+        echo(f"sweep interrupted; finish it with: {sweep.resume_command(jobs.sweep_dir)}", error=True)
+        sys.exit(128 + jobs.interrupted)
 
 
 def cli() -> None:
@@ -285,7 +348,10 @@ def cli() -> None:
         sys.exit(EXIT_SIGINT)
     _state["diverged"], _state["failed"] = [], []
     try:
-        main()
+        try:
+            main()
+        finally:
+            wait_for_jobs()
     except KeyboardInterrupt:  # outside training (tokenisation, a second Ctrl-C): nothing to save
         print("\ninterrupted", file=sys.stderr)
         sys.exit(EXIT_SIGINT)

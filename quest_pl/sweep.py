@@ -10,6 +10,8 @@ the report when the multirun ends.
   refused before anything runs, naming the key. Works for every experiment (and for plain ``-m`` sweeps).
 * Each job prints ``job i of n: <arm> seed s`` with the sweep's ETA (:func:`start_job`); a job that raises is recorded
   as failed (:func:`record_failure`) and the sweep goes on; the command exits non-zero at the end.
+* ``sweep.workers`` jobs run at once, each in its own process (:mod:`quest_pl.workers`; ``auto``: as many as the
+  cores hold on CPU, one on a GPU); the report waits for all of them.
 """
 
 from __future__ import annotations
@@ -174,10 +176,10 @@ def plan_sweep(
     return plan
 
 
-def start_job(cfg: DictConfig, run_dir: Path, echo) -> DictConfig | None:
-    """Before a sweep's job: print ``job i of n`` with the sweep's ETA; ``None`` when the job finished in an earlier
-    attempt (skip it), else the config to run: resuming from the job's ``last.ckpt`` when an earlier (interrupted or
-    failed) attempt left one, or from scratch (the earlier attempt's outputs removed)."""
+def start_job(cfg: DictConfig, run_dir: Path, echo, workers: int = 1) -> DictConfig | None:
+    """Before a sweep's job: print ``job i of n`` with the sweep's ETA (``workers`` jobs at once); ``None`` when the
+    job finished in an earlier attempt (skip it), else the config to run: resuming from the job's ``last.ckpt`` when
+    an earlier (interrupted or failed) attempt left one, or from scratch (the earlier attempt's outputs removed)."""
     from quest_pl.callbacks.progress import eta_text
 
     sweep_dir = run_dir.parent
@@ -194,7 +196,8 @@ def start_job(cfg: DictConfig, run_dir: Path, echo) -> DictConfig | None:
         return None
     remaining = n - i + 1
     done = _progress["durations"]
-    eta = f"sweep ETA {eta_text(remaining * sum(done) / len(done))}" if done else "sweep ETA after this job"
+    left = remaining * sum(done) / len(done) / max(1, workers) if done else None
+    eta = f"sweep ETA {eta_text(left)}" if done else "sweep ETA after this job"
     cfg = cfg.copy()
     # An interrupted or failed attempt resumes from its last.ckpt (written at a step boundary: exact, as for a single
     # run); without one the job starts afresh.
@@ -214,22 +217,26 @@ def start_job(cfg: DictConfig, run_dir: Path, echo) -> DictConfig | None:
     return cfg
 
 
-def end_job(run_dir: Path, status: str) -> None:
-    """After a sweep's job ran (not skipped): its time for the ETA, its status in ``sweep.json``."""
-    if _progress.get("job_start") is not None:
-        _progress["durations"].append(time.monotonic() - _progress.pop("job_start"))
+def end_job(run_dir: Path, status: str, seconds: float | None = None) -> None:
+    """After a sweep's job ran (not skipped): its time for the ETA (``seconds``, else since :func:`start_job`), its
+    status in ``sweep.json``."""
+    started = _progress.pop("job_start", None)
+    if seconds is None and started is not None:
+        seconds = time.monotonic() - started
+    if seconds is not None:
+        _progress["durations"].append(seconds)
     sweep_plan.record_status(run_dir.parent, run_dir.name, status)
 
 
 def record_failure(run_dir: Path, error: BaseException) -> None:
-    """A job that raised: ``metrics.json`` with ``"status": "failed"`` and the error, so the report lists it and a
-    resume runs it again."""
+    """A job that raised (or whose process died): ``metrics.json`` with ``"status": "failed"`` and the error, so the
+    report lists it and a resume runs it again (from its ``last.ckpt`` when it has one). The caller records the end
+    (:func:`end_job`)."""
     from quest_pl.callbacks.metrics_log import last_step
     from quest_pl.io import atomic_write_json
 
     message = f"{type(error).__name__}: {error}".splitlines()[0]
     atomic_write_json(run_dir / "metrics.json", {"status": "failed", "error": message, "step": last_step(run_dir)})
-    end_job(run_dir, "failed")
 
 
 class SweepReport(Callback):
@@ -247,6 +254,9 @@ class SweepReport(Callback):
         self.sweep_dir = Path(str(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from quest_pl import workers
+
+        workers.pool().wait()  # jobs still running beside each other (sweep.workers > 1) end first
         if not self.enabled:
             return
         from quest_pl.report import write_report

@@ -2,6 +2,8 @@
 variable ``QUEST_TEST_FAULT`` so that a resumed sweep (same recorded command, no variable) runs clean:
 
 * ``<job dir>:<step>:sigterm|sigkill|raise``: inside that job, after that optimizer step (:class:`JobFault`);
+  ``sigterm-parent|sigkill-parent``: the same signal to the sweep's own process, from inside a job of a parallel
+  sweep (``sweep.workers`` > 1: each job is a child of the sweep's process);
 * ``between:<job dir>``: SIGTERM once that job has ended, before the next starts (:class:`SweepFault`);
 * ``report``: SIGKILL while the sweep's report is being written, after its first file (:class:`SweepFault`).
 """
@@ -28,7 +30,9 @@ class JobFault(L.Callback):
         if spec[2] == "raise":
             raise RuntimeError("injected failure")
         os.environ.pop(VARIABLE)  # SIGTERM stops at the next clean step boundary: signal once
-        os.kill(os.getpid(), signal.SIGKILL if spec[2] == "sigkill" else signal.SIGTERM)
+        action, _, target = spec[2].partition("-")
+        pid = os.getppid() if target == "parent" else os.getpid()
+        os.kill(pid, signal.SIGKILL if action == "sigkill" else signal.SIGTERM)
 
 
 class SweepFault(Callback):

@@ -16,7 +16,7 @@ SWEEP = (
     "experiment=estimator_ablation", "quant=bf16,quest_w4a4", "trainer.max_steps=10", "trainer.val_check_interval=5",
     "data.val_batches=1", "data.batch_size=4", "checkpoint.every_n_steps=2", "hydra.callbacks.report.ptq=false",
     "+callbacks.fault._target_=tests.sweep_faults.JobFault",
-    "+hydra.callbacks.fault._target_=tests.sweep_faults.SweepFault",
+    "+hydra.callbacks.fault._target_=tests.sweep_faults.SweepFault", "sweep.workers=1",
 )  # fmt: skip
 # Columns of summary.csv that do not depend on timing (wall time, throughput) or on the logger.
 DETERMINISTIC = ("arm", "status", "seeds", "pairs", "val_loss", "val_loss_std", "delta_bf16", "delta_std",
@@ -115,6 +115,36 @@ def test_interrupted_failed_and_extended_sweep_resumes_to_the_same_losses(refere
     assert summary(sweep) == summary(reference)
     plan = json.loads((sweep / "sweep.json").read_text())
     assert {j["status"] for j in plan["jobs"]} == {"ok"} and plan["experiment"] == "estimator_ablation"
+
+
+@pytest.mark.slow
+def test_parallel_sweep_interrupted_failed_and_resumed_matches_the_sequential_one(reference, tmp_path):
+    """sweep.workers=2 (jobs in forked processes): SIGTERM to the sweep's process while two jobs run stops both at a
+    step boundary with their last.ckpt; a job that raises leaves the others going; resumed (in parallel), the sweep
+    ends with the sequential sweep's per-job losses, bit for bit, and the same report."""
+    sweep = tmp_path / "sweep"
+    parallel = [a if a != "sweep.workers=1" else "sweep.workers=2" for a in SWEEP]
+    # A: the third job signals the sweep's process (SIGTERM) after step 4, with another job beside it
+    a = run(*parallel, "seeds=[0,1]", f"hydra.sweep.dir={sweep}", fault="2_quest_w4a4_s0:4:sigterm-parent")
+    assert a.returncode == 143, a.stderr[-3000:]
+    assert a.stderr.count(f"finish it with: python run.py sweep.resume={sweep}") == 1
+    assert "[2_quest_w4a4_s0] " in a.stdout and "job 3 of 4: quest_w4a4 seed 0" in a.stdout
+    job = states(sweep)["2_quest_w4a4_s0"]
+    assert job["status"] == "interrupted" and job["checkpoint"] and 4 <= job["step"] < 9
+    assert not any(j["status"] == "failed" for j in states(sweep).values())
+    # B: resumed (in parallel, the recorded command); the interrupted job raises after step 8: recorded, the others
+    # finish, exit 1
+    b = run(f"sweep.resume={sweep}", fault="2_quest_w4a4_s0:9:raise")
+    assert b.returncode == 1, b.stderr[-3000:]
+    assert "2_quest_w4a4_s0/checkpoints/last.ckpt" in b.stdout  # resumed, not restarted
+    assert {d: j["status"] for d, j in states(sweep).items()} == {
+        "0_bf16_s0": "ok", "1_bf16_s1": "ok", "2_quest_w4a4_s0": "failed", "3_quest_w4a4_s1": "ok"
+    }  # fmt: skip
+    # C: the failed job again; the sweep is complete and equal to the sequential one
+    c = run(f"sweep.resume={sweep}")
+    assert c.returncode == 0, c.stderr[-3000:]
+    assert losses(sweep) == losses(reference) and len(losses(sweep)) == 4  # bit for bit
+    assert summary(sweep) == summary(reference)
 
 
 def test_bad_resume_is_one_line_and_writes_nothing(monkeypatch, capsys, tmp_path):

@@ -147,7 +147,7 @@ def sweep_job(cfg: DictConfig, run_dir: Path) -> float | None:
 
     jobs = workers.pool()
     if jobs.parallel:
-        jobs.wait(below=jobs.size)  # a free slot before the job's "job i of n" line
+        jobs.free_slot()  # before the job's "job i of n" line
     job_cfg = sweep.start_job(cfg, run_dir, echo, workers=jobs.size)
     if job_cfg is None:
         return None
@@ -314,16 +314,16 @@ def check_cadence(cfg: DictConfig) -> None:
     check_cadences(cfg.get("callbacks"), budgeted_max_steps(cfg))
 
 
-def wait_for_jobs() -> None:
-    """Under ``sweep.workers`` > 1, before the command ends: wait for the jobs still running (an error or a signal in
-    this process stops them at their next step boundary first); when the sweep was interrupted, print the command that
-    finishes it and exit 130 or 143 (:mod:`quest_pl.workers`)."""
+def wait_for_jobs(stop: bool) -> None:
+    """Under ``sweep.workers`` > 1, before the command ends: wait for the jobs still running (``stop``: this process
+    is ending on an error or a signal, so they first stop at their next step boundary); when the sweep was interrupted,
+    print the command that finishes it and exit 130 or 143 (:mod:`quest_pl.workers`)."""
     import signal
 
     from quest_pl import sweep, workers
 
     jobs = workers.pool()
-    if jobs.running and not jobs.interrupted:  # this process is ending on an error: the jobs save and stop
+    if stop and jobs.running and not jobs.interrupted:
         jobs.stop(signal.SIGTERM)
     if jobs.running:
         print(f"waiting for {len(jobs.running)} running job(s) to save their checkpoints", file=sys.stderr, flush=True)
@@ -350,8 +350,10 @@ def cli() -> None:
     try:
         try:
             main()
-        finally:
-            wait_for_jobs()
+        except BaseException:
+            wait_for_jobs(stop=True)
+            raise
+        wait_for_jobs(stop=False)
     except KeyboardInterrupt:  # outside training (tokenisation, a second Ctrl-C): nothing to save
         print("\ninterrupted", file=sys.stderr)
         sys.exit(EXIT_SIGINT)

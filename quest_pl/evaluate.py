@@ -174,6 +174,9 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None =
         data_cfg = data_config(cfg, ckpt_path, key, overrides, model_hp["vocab_size"])
         data_cfg = OmegaConf.merge(data_cfg, {"model": {"seq_len": model_hp["seq_len"]}})
         dm = validation_datamodule(data_cfg, model_hp["vocab_size"], f"eval.from={ckpt_path!r}")
+        from quest_pl.module import silence_known_warnings
+
+        silence_known_warnings()
         trainer = L.Trainer(
             accelerator=accelerator,
             devices=1,

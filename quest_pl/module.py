@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import math
 import time
+import warnings
 
 import lightning as L
 import torch
@@ -280,3 +281,12 @@ class LMModule(L.LightningModule):
             lambda step: warmup_cosine(step, total, cfg["warmup_frac"], cfg["init_div"], cfg["final_lr_frac"]),
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+
+def silence_known_warnings() -> None:
+    """Drop two warnings of Lightning that say nothing to our users, in every process that runs a Trainer (training,
+    PTQ, evaluation): its own deprecated ``LeafSpec`` check under newer torch, and the note that a resumed run's
+    checkpoint callbacks differ (resuming with another checkpoint cadence is fine: that callback has no state that
+    matters)."""
+    warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint need to be provided.*")

@@ -6,7 +6,6 @@ import logging
 import signal
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ from quest_pl.config import (
 )
 from quest_pl.config.data import check_model_vocab_of
 from quest_pl.io import TMP_PREFIX, atomic_write_json
-from quest_pl.module import Diverged
+from quest_pl.module import Diverged, silence_known_warnings
 
 log = logging.getLogger(__name__)
 
@@ -237,9 +236,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
-    # Resuming with another checkpoint cadence is fine: the checkpoint callback has no state that matters.
-    warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint need to be provided.*")
+    silence_known_warnings()
     run_dir = Path(run_dir)
     start = time.perf_counter()
     if cfg.ckpt_path:

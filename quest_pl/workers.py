@@ -152,11 +152,15 @@ class Pool:
     def parallel(self) -> bool:
         return self.size > 1
 
-    def start(self, run_dir: Path, job: Callable[[], int]) -> None:
-        """Run ``job()`` (returning the job's exit status) in a forked child once a slot is free."""
+    def free_slot(self) -> None:
+        """Wait until fewer than ``size`` jobs run; raise the sweep's interrupt if one came meanwhile."""
         self.wait(below=self.size)
         if self.interrupted:
             raise _interrupt(self.interrupted)
+
+    def start(self, run_dir: Path, job: Callable[[], int]) -> None:
+        """Run ``job()`` (returning the job's exit status) in a forked child once a slot is free."""
+        self.free_slot()
         self._install_handlers()
         _flush()
         parent = os.getpid()

@@ -387,3 +387,26 @@ def test_identical_differences_are_never_significant():
 
     s = paired_summary([0.002, 0.002])
     assert (s["mean"], s["std"], s["low"], s["high"], s["verdict"]) == (0.002, 0.0, None, None, NO_SPREAD)
+
+
+def test_header_of_a_sweep_over_sizes_gives_each_jobs_budget(tmp_path):
+    """A sweep whose jobs differ in size and steps (a scaling ladder at a fixed tokens-per-parameter ratio): the header
+    gives the ranges and the ratio of each job, not the first job's size against the longest job's tokens."""
+    from quest_pl.report.tables import what_was_run
+
+    jobs = []
+    for n_layer, steps in ((1, 64), (2, 128), (3, 192)):
+        job_dir = tmp_path / f"{n_layer}"
+        job_dir.mkdir()
+        (job_dir / "metrics.json").write_text("{}")
+        model = {"n_layer": n_layer, "d_model": 128, "n_head": 1, "seq_len": 128}
+        cfg = {"model": model, "data": {"batch_size": 16, "source": "embedded"}, "trainer": {}}
+        params = n_layer * 262_144
+        jobs.append({"_config": cfg, "_metrics": {"non_embedding_params": params}, "steps": steps, "seed": 0,
+                     "_job_dir": job_dir})  # fmt: skip
+    lines = dict(what_was_run(jobs))
+    assert lines["tokens per parameter"] == "0.5"  # 64 x 2,048 / 262,144 for every job
+    assert lines["model"] == "1 to 3 x 128 (heads 1, seq 128), 0.26 to 0.79 M non-embedding parameters"
+    assert lines["tokens"] == "131,072 to 393,216 seen per job (64 to 192 steps x 2,048 tokens/step)"
+    jobs[2]["steps"] = 96  # one job off the ratio
+    assert dict(what_was_run(jobs))["tokens per parameter"] == "0.25 to 0.5"

@@ -236,3 +236,18 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.slow
+def test_without_the_report_callback_the_sweep_still_waits_for_its_jobs(tmp_path):
+    """The report callback waits for the jobs; without it the command line does, and every job finishes."""
+    from quest_pl.sweep_plan import job_states
+    from tests.conftest import run_cli
+
+    args = ("experiment=estimator_ablation", "quant=bf16,ste_w4a4", "trainer.max_steps=3",
+            "trainer.val_check_interval=3", "data.val_batches=1", "data.batch_size=2", "~hydra.callbacks.report",
+            "sweep.workers=2")  # fmt: skip
+    result = run_cli(*args, f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [j["status"] for j in job_states(tmp_path)] == ["ok", "ok"]
+    assert not (tmp_path / "summary.csv").exists()

@@ -103,6 +103,9 @@ def evaluate(
         )  # fmt: skip
     else:
         quantize_model_ptq(module.model, ptq)
+    from quest_pl.module import silence_known_warnings
+
+    silence_known_warnings()
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=1,

@@ -82,33 +82,57 @@ def _git_commit() -> str:
     return (commit + (" (with uncommitted changes)" if dirty else "")) if commit else "unknown"
 
 
-def what_was_run(jobs: list[dict]) -> list[tuple[str, str]]:
-    """(label, value) lines for the top of ``summary.md``: model size, tokens, seeds, steps, data, date, commit."""
-    trained = [j for j in jobs if j.get("_config")]
-    if not trained:
-        return []
-    cfg, metrics = trained[0]["_config"], trained[0]["_metrics"]
+def _job_size(job: dict) -> dict:
+    """A finished job's shape, non-embedding parameters, steps and tokens (``None`` where not recorded)."""
+    cfg = job["_config"]
     model, data, trainer = cfg.get("model", {}), cfg.get("data", {}), cfg.get("trainer", {})
-    steps = max((j["steps"] for j in trained if j.get("steps") is not None), default=None)
     devices = trainer.get("devices")
     world = (devices if isinstance(devices, int) else 1) * (trainer.get("num_nodes") or 1)
     per_step = (
         (data.get("batch_size") or 0) * (model.get("seq_len") or 0) * (trainer.get("accumulate_grad_batches") or 1)
     )
     per_step *= world
-    params = metrics.get("non_embedding_params")
-    tokens = steps * per_step if steps is not None else None
+    steps = job.get("steps")
+    return {"n_layer": model.get("n_layer"), "d_model": model.get("d_model"), "world": world, "per_step": per_step,
+            "steps": steps, "tokens": steps * per_step if steps is not None else None,
+            "params": job["_metrics"].get("non_embedding_params")}  # fmt: skip
+
+
+def _span(values: list, fmt: str) -> str:
+    """``fmt`` of the value when all agree, else ``min to max``: a sweep over sizes says so in its header."""
+    texts = [fmt.format(v) for v in sorted(values)]
+    return texts[0] if texts[0] == texts[-1] else f"{texts[0]} to {texts[-1]}"
+
+
+def what_was_run(jobs: list[dict]) -> list[tuple[str, str]]:
+    """(label, value) lines for the top of ``summary.md``: model size, tokens, seeds, steps, data, date, commit."""
+    trained = [j for j in jobs if j.get("_config")]
+    if not trained:
+        return []
+    sizes = [_job_size(j) for j in trained]
+    cfg = trained[0]["_config"]
+    model, data = cfg.get("model", {}), cfg.get("data", {})
     source = data.get("source", "?")
     source += {"hub": f" {data.get('name')}", "text_file": f" {data.get('path')}"}.get(source, "")
     finished = [datetime.datetime.fromtimestamp((j["_job_dir"] / "metrics.json").stat().st_mtime) for j in trained]
     seeds = sorted({j["seed"] for j in trained})
-    shape = f"{model.get('n_layer')} x {model.get('d_model')} (heads {model.get('n_head')}, seq {model.get('seq_len')})"
-    size = f"{params / 1e6:.2f} M non-embedding parameters" if params else "non-embedding parameters not recorded"
-    if tokens is not None:
+    layers = _span([s["n_layer"] for s in sizes], "{}")
+    widths = _span([s["d_model"] for s in sizes], "{}")
+    shape = f"{layers} x {widths} (heads {model.get('n_head')}, seq {model.get('seq_len')})"
+    params = [s["params"] for s in sizes]
+    size = (f"{_span([p / 1e6 for p in params], '{:.2f}')} M non-embedding parameters" if all(params)
+            else "non-embedding parameters not recorded")  # fmt: skip
+    known = [s for s in sizes if s["tokens"] is not None]
+    if known and len(known) == len(sizes):
+        world = max(s["world"] for s in sizes)
         devices = f", {world} devices" if world > 1 else ""
-        tokens_text = f"{tokens:,} seen ({steps} steps x {per_step:,} tokens/step{devices})"
+        per_job = " per job" if len({s["tokens"] for s in sizes}) > 1 else ""
+        tokens_text = (f"{_span([s['tokens'] for s in sizes], '{:,}')} seen{per_job} "
+                       f"({_span([s['steps'] for s in sizes], '{}')} steps x "
+                       f"{_span([s['per_step'] for s in sizes], '{:,}')} tokens/step{devices})")  # fmt: skip
+        ratio = _span([s["tokens"] / s["params"] for s in sizes], "{:.3g}") if all(params) else "unknown"
     else:
-        tokens_text = "unknown"
+        tokens_text, ratio = "unknown", "unknown"
     n = len(seeds)
     seeds_text = f"{', '.join(map(str, seeds))} ({n} seed{'s' if n != 1 else ''}" + (
         ": a pipeline check, no confidence intervals)" if n == 1 else ", arms paired by seed)"
@@ -116,7 +140,7 @@ def what_was_run(jobs: list[dict]) -> list[tuple[str, str]]:
     lines = [
         ("model", f"{shape}, {size}"),
         ("tokens", tokens_text),
-        ("tokens per parameter", f"{tokens / params:.1f}" if tokens and params else "unknown"),
+        ("tokens per parameter", ratio),
         ("seeds", seeds_text),
         ("data", f"{source} (vocabulary {data.get('vocab_size')}, {data.get('val_batches')} validation batches)"),
         ("runs finished", f"{min(finished):%Y-%m-%d %H:%M} to {max(finished):%Y-%m-%d %H:%M} (local time)"),

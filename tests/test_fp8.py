@@ -57,11 +57,19 @@ def test_every_backend_is_the_exact_integer_product_then_the_scales(backend):
     assert ((got.cpu().double() - exact).abs() <= 2**-8 * exact.abs()).all()  # one bf16 rounding
 
 
-def test_backend_choice_pins_and_refuses():
+def test_backend_choice_pins_and_refuses(monkeypatch):
+    """On CPU the exact FP8 emulation comes first; a pinned backend is used where eligible and refused where not; with
+    neither CUDA nor Triton's interpreter, grids of more than 4 bits have no backend. The same on a CUDA machine (where
+    the tests run without the interpreter) as on CPU."""
+    device = torch.device(DEVICE)
     assert gemm.choose_backend(8, 16, 128, 4, torch.device("cpu"), torch.bfloat16) == "fp8"
-    assert gemm.choose_backend(8, 16, 128, 5, torch.device("cpu"), torch.bfloat16, "triton") == "triton"
+    assert gemm.choose_backend(8, 16, 128, 5, device, torch.bfloat16, "triton") == "triton"
     with pytest.raises(ValueError, match="cannot serve 5-bit codes"):
-        gemm.choose_backend(8, 16, 128, 5, torch.device("cpu"), torch.bfloat16, "fp8")
+        gemm.choose_backend(8, 16, 128, 5, device, torch.bfloat16, "fp8")
+    monkeypatch.setattr(gemm, "interpreting", lambda: False)
+    assert gemm.eligible_backends(8, 16, 128, 4, torch.device("cpu"), torch.bfloat16) == ["fp8"]
+    with pytest.raises(ValueError, match="no low-precision GEMM serves 5-bit codes on cpu"):
+        gemm.choose_backend(8, 16, 128, 5, torch.device("cpu"), torch.bfloat16)
 
 
 def test_rowwise_e4m3_and_the_fp8_backward_gemms_are_their_definitions():
@@ -93,19 +101,33 @@ def test_rowwise_e4m3_and_the_fp8_backward_gemms_are_their_definitions():
 
 def test_fp8_backward_linear_gradients():
     """quest_int8_linear(backward="fp8"): the masked transposed Hadamard of the FP8 GEMMs; within an E4M3 rounding of
-    the bf16-backward gradients; the forward is unchanged."""
+    the bf16-backward gradients; the forward is unchanged. bf16 output: torch._scaled_mm's row-wise scaling on CUDA
+    writes bf16 only (an fp32 output pinned to the fp8 backend is refused: test_fp8_backend_refuses_fp32_output)."""
     x = _randn((2, 24, 256), 10).requires_grad_()
     w = _randn((32, 256), 11).requires_grad_()
-    grad = _randn((2, 24, 32), 12)
+    grad = _randn((2, 24, 32), 12, torch.bfloat16)
     grads, outs = {}, {}
     for backward in ("bf16", "fp8"):
-        outs[backward] = int8.quest_int8_linear(x, w, ARGS, ARGS, backward=backward, backend="fp8")
+        outs[backward] = int8.quest_int8_linear(
+            x, w, ARGS, ARGS, out_dtype=torch.bfloat16, backward=backward, backend="fp8"
+        )
         grads[backward] = torch.autograd.grad(outs[backward], (x, w), grad)
     assert torch.equal(outs["bf16"], outs["fp8"])
     for got, ref in zip(grads["fp8"], grads["bf16"]):
         assert not torch.equal(got, ref) and (got - ref).norm() < 2**-4 * ref.norm()
     with pytest.raises(ValueError, match="at most 4 bits"):
         int8.quest_int8_linear(x, w, ARGS, dict(ARGS, bits=5), backward="fp8")
+
+
+@pytest.mark.gpu
+@cuda
+def test_fp8_backend_refuses_fp32_output():
+    """torch._scaled_mm with row-wise scales writes bf16 only: pinning the fp8 backend for an fp32 output is one clear
+    ValueError naming what is eligible; unpinned, an fp32 output takes an INT8 backend."""
+    x, w = _randn((4, 256), 14), _randn((32, 256), 15)
+    with pytest.raises(ValueError, match=r"GEMM backend 'fp8' cannot serve 4-bit codes.*float32.*eligible: triton"):
+        int8.quest_int8_linear(x, w, ARGS, ARGS, backend="fp8")
+    assert int8.quest_int8_linear(x, w, ARGS, ARGS).dtype == torch.float32
 
 
 def test_weight_codes_are_computed_once_per_weight_version(monkeypatch):

@@ -229,7 +229,11 @@ def test_matmul_config_errors(overrides, needle):
 @pytest.mark.gpu
 @cuda
 def test_cuda_int_mm_path_and_compile_fullgraph():
-    """torch._int_mm behind int_matmul, and the custom op traced without a graph break under bf16 autocast."""
+    """torch._int_mm behind int_matmul, and the custom op traced without a graph break under bf16 autocast: compiled
+    output and gradients equal the eager ones up to bf16 rounding. Not bit for bit: while torch.compile traces, the
+    forward GEMM is the first eligible backend unless this shape was timed before, and the eager call times the shape
+    and may pick another (equal up to one bf16 rounding of y); the backward GEMMs run in bf16 (autocast's gradient
+    dtype), so a one-ulp change of y moves them by bf16 ulps, many fp32 ulps of the fp32 x.grad and w.grad."""
     a, b = _randint8((1000, 2048), seed=1, low=-127), _randint8((130, 2048), seed=2, low=-127)
     assert torch.equal(int8.int_matmul(a, b).cpu().long(), a.cpu().long() @ b.cpu().long().t())
 
@@ -248,4 +252,5 @@ def test_cuda_int_mm_path_and_compile_fullgraph():
         y_eager = layer(x, w)
     y_eager.float().pow(2).sum().backward()
     torch.testing.assert_close(y, y_eager)
-    torch.testing.assert_close(grads, (x.grad, w.grad))
+    for got, ref in zip(grads, (x.grad, w.grad)):  # a dropped mask or rotation would be off by O(1), not 2^-7
+        assert torch.isfinite(got).all() and (got - ref).norm() <= 2**-7 * ref.norm()

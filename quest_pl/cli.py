@@ -65,11 +65,8 @@ def setup_logging() -> None:
 
 
 def echo(message: str, error: bool = False) -> None:
-    """Print a line as is (``error: ...`` on stderr; a parallel sweep's job puts its name in front) and put it in
-    ``run.log`` too."""
-    from quest_pl.workers import console_prefix
-
-    print(console_prefix() + message, file=sys.stderr if error else sys.stdout, flush=True)
+    """Print a line as is (``error: ...`` on stderr) and put it in ``run.log`` too."""
+    print(message, file=sys.stderr if error else sys.stdout, flush=True)
     record = logging.LogRecord("quest_pl", logging.ERROR if error else logging.INFO, __file__, 0, message, None, None)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
@@ -277,7 +274,9 @@ def precheck(argv: list[str]) -> list[str]:
     workers.check_value(first, multirun)
     composed = []
     for job in jobs if multirun else jobs[:1]:
-        cfg = first if job is jobs[0] else compose_checked(job, parsed)
+        # A multirun's jobs each composed from their own overrides: `first` lacks the sweeps an experiment declares
+        # itself (hydra.sweeper.params, e.g. scaling_law's models), so it may not be job 0
+        cfg = compose_checked(job, parsed) if multirun else first
         validate(cfg)
         check_devices(cfg)
         check_cadence(cfg)

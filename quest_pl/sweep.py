@@ -17,6 +17,7 @@ the report when the multirun ends.
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from quest_pl import sweep_plan
 from quest_pl.config import RESUME_IGNORED, RESUME_KEYS, ConfigError
+from quest_pl.config.budget import budgeted_max_steps
 from quest_pl.config.names import arm_name, quant_arm_name, seed_list  # noqa: F401  (where earlier code imports them)
 from quest_pl.sweep_plan import register_resolvers  # noqa: F401
 
@@ -169,7 +171,7 @@ def plan_sweep(
             known[tuple(key)] = job
         else:
             check_same_config(sweep_dir / job["dir"], cfg, sweep_dir)
-        job["max_steps"] = int(cfg.trainer.max_steps) if cfg.trainer.get("max_steps") is not None else None
+        job["max_steps"] = int(budgeted_max_steps(cfg)) if cfg.trainer.get("max_steps") is not None else None
         launch.append(job["dir"])
     plan.update(overrides=recorded_overrides(argv), swept=swept, launch=launch)
     sweep_plan.write_plan(sweep_dir, plan)
@@ -196,7 +198,7 @@ def start_job(cfg: DictConfig, run_dir: Path, echo, workers: int = 1) -> DictCon
         return None
     remaining = n - i + 1
     done = _progress["durations"]
-    left = remaining * sum(done) / len(done) / max(1, workers) if done else None
+    left = math.ceil(remaining / max(1, workers)) * sum(done) / len(done) if done else None
     eta = f"sweep ETA {eta_text(left)}" if done else "sweep ETA after this job"
     cfg = cfg.copy()
     # An interrupted or failed attempt resumes from its last.ckpt (written at a step boundary: exact, as for a single
@@ -256,7 +258,9 @@ class SweepReport(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         from quest_pl import workers
 
-        workers.pool().wait()  # jobs still running beside each other (sweep.workers > 1) end first
+        jobs = workers.pool()
+        jobs.wait()  # jobs still running beside each other (sweep.workers > 1) end first
+        jobs.check_interrupt()  # an interrupted sweep writes no report, as a sequential one stopped in its last job
         if not self.enabled:
             return
         from quest_pl.report import write_report

@@ -287,8 +287,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
             trainer.validate(module, datamodule=dm, verbose=False)
     except SIGTERMException:  # SaveOnInterrupt has written last.ckpt; exit as a signalled process does
         raise SystemExit(128 + (interrupt.requested or signal.SIGTERM)) from None
-    except SystemExit:  # a second Ctrl-C: Lightning exits with status 1
-        if interrupt.requested == signal.SIGINT:
+    except SystemExit as e:  # Ctrl-C that SaveOnInterrupt did not turn into a clean stop (a second one, or one
+        # outside training: after its last step, in the final validation): Lightning stops at once with status 1
+        if interrupt.requested == signal.SIGINT or (e.code == 1 and trainer.interrupted):
             raise SystemExit(128 + signal.SIGINT) from None
         raise
     except Diverged as e:

@@ -123,9 +123,33 @@ def resolve(cfg: DictConfig, hydra_cfg: DictConfig, jobs: list[DictConfig], cpus
     if reason or len(jobs) < 2:
         return 1
     if cpus is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cpus = usable_cpus()
     threads = max(threads_per_job(OmegaConf.select(hydra_cfg, "job.env_set.OMP_NUM_THREADS"), j) for j in jobs)
     return max(1, min(len(jobs), cpus // threads))
+
+
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup CPU quota (a container's ``--cpus``,
+    which affinity does not show; cgroup v2 ``cpu.max`` or v1 ``cpu/cpu.cfs_quota_us``)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    for path, parse in ((cgroup / "cpu.max", _quota_v2), (cgroup / "cpu" / "cpu.cfs_quota_us", _quota_v1)):
+        try:
+            quota = parse(path)
+        except (OSError, ValueError, IndexError):
+            continue
+        if quota is not None:
+            return max(1, min(cpus, int(quota)))
+    return cpus
+
+
+def _quota_v2(path: Path) -> float | None:
+    quota, period = path.read_text().split()[:2]  # "max 100000" or "200000 100000"
+    return None if quota == "max" else int(quota) / int(period)
+
+
+def _quota_v1(path: Path) -> float | None:
+    quota = int(path.read_text())
+    return None if quota <= 0 else quota / int((path.parent / "cpu.cfs_period_us").read_text())
 
 
 # -- the pool -------------------------------------------------------------------------------------------------------
@@ -155,6 +179,10 @@ class Pool:
     def free_slot(self) -> None:
         """Wait until fewer than ``size`` jobs run; raise the sweep's interrupt if one came meanwhile."""
         self.wait(below=self.size)
+        self.check_interrupt()
+
+    def check_interrupt(self) -> None:
+        """Raise the sweep's interrupt (``KeyboardInterrupt`` or ``SystemExit(143)``) if a signal stopped it."""
         if self.interrupted:
             raise _interrupt(self.interrupted)
 
@@ -179,7 +207,7 @@ class Pool:
             finally:
                 _flush()
                 logging.shutdown()
-                os._exit(code)
+                os._exit(code if isinstance(code, int) else 1)
         self.running[pid] = Job(run_dir, time.monotonic())
         self.sweep_dir = run_dir.parent
 
@@ -203,8 +231,12 @@ class Pool:
     def _ended(self, job: Job, status: int) -> None:
         seconds = time.monotonic() - job.started
         on_end = self.on_end or (lambda *args: None)
-        if os.WIFSIGNALED(status) and self.interrupted and os.WTERMSIG(status) in INTERRUPTS.values():
-            on_end(job.run_dir, "interrupted", seconds, None)  # stopped before its training began: nothing to save
+        if os.WIFSIGNALED(status) and os.WTERMSIG(status) in INTERRUPTS.values():
+            # Ctrl-C or SIGTERM outside the job's training (which saves and exits 130/143 itself), e.g. while it
+            # prepares its data: interrupted with nothing to save, and the sweep stops, as a sequential one does
+            on_end(job.run_dir, "interrupted", seconds, None)
+            if not self.interrupted:
+                self.stop(os.WTERMSIG(status))
             return
         if os.WIFSIGNALED(status):
             name = signal.Signals(os.WTERMSIG(status)).name
@@ -278,15 +310,27 @@ class _Prefixed(logging.Formatter):
         self.prefix, self.inner = prefix, inner or logging.Formatter()
 
     def format(self, record: logging.LogRecord) -> str:
-        return "\n".join(self.prefix + line for line in self.inner.format(record).split("\n"))
+        return "\n".join(self.prefix + line if line else line for line in self.inner.format(record).split("\n"))
 
 
-_job_label: dict = {"prefix": ""}
+class _PrefixedStream:
+    """``sys.stdout`` / ``sys.stderr`` of a job: ``[<job>] `` at the start of every non-empty line it prints."""
 
+    def __init__(self, stream, prefix: str) -> None:
+        self._stream, self._prefix, self._line_start = stream, prefix, True
 
-def console_prefix() -> str:
-    """``[<job dir>] `` in a job's process of a parallel sweep, else ``""``."""
-    return _job_label["prefix"]
+    def write(self, text: str) -> int:
+        out = []
+        for piece in text.splitlines(keepends=True):
+            if self._line_start and piece.strip("\r\n"):
+                out.append(self._prefix)
+            out.append(piece)
+            self._line_start = piece.endswith(("\n", "\r"))
+        self._stream.write("".join(out))
+        return len(text)
+
+    def __getattr__(self, name: str):  # flush, isatty, fileno, encoding, ...: the stream's own
+        return getattr(self._stream, name)
 
 
 def _become_job(parent: int, name: str) -> None:
@@ -303,7 +347,8 @@ def _become_job(parent: int, name: str) -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _pool.size, _pool.running, _pool.interrupted, _pool._previous = 1, {}, None, {}
-    _job_label["prefix"] = f"[{name}] "
+    prefix = f"[{name}] "
+    sys.stdout, sys.stderr = _PrefixedStream(sys.stdout, prefix), _PrefixedStream(sys.stderr, prefix)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-            handler.setFormatter(_Prefixed(_job_label["prefix"], handler.formatter))
+            handler.setFormatter(_Prefixed(prefix, handler.formatter))

@@ -3,7 +3,8 @@ variable ``QUEST_TEST_FAULT`` so that a resumed sweep (same recorded command, no
 
 * ``<job dir>:<step>:sigterm|sigkill|raise``: inside that job, after that optimizer step (:class:`JobFault`);
   ``sigterm-parent|sigkill-parent``: the same signal to the sweep's own process, from inside a job of a parallel
-  sweep (``sweep.workers`` > 1: each job is a child of the sweep's process);
+  sweep (``sweep.workers`` > 1: each job is a child of the sweep's process); ``ctrl-c-after-training``: a Ctrl-C
+  at the end of training (the step is not read), outside the window where the job saves a checkpoint;
 * ``between:<job dir>``: SIGTERM once that job has ended, before the next starts (:class:`SweepFault`);
 * ``report``: SIGKILL while the sweep's report is being written, after its first file (:class:`SweepFault`).
 """
@@ -33,6 +34,11 @@ class JobFault(L.Callback):
         action, _, target = spec[2].partition("-")
         pid = os.getppid() if target == "parent" else os.getpid()
         os.kill(pid, signal.SIGKILL if action == "sigkill" else signal.SIGTERM)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        spec = os.environ.get(VARIABLE, "").split(":")
+        if len(spec) == 3 and Path(trainer.default_root_dir).name == spec[0] and spec[2] == "ctrl-c-after-training":
+            raise KeyboardInterrupt  # as a Ctrl-C after the last step, once SaveOnInterrupt gave the signal back
 
 
 class SweepFault(Callback):

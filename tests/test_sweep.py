@@ -209,3 +209,46 @@ def test_runs_are_named_by_what_they_evaluate(tmp_path):
     assert name("debug=fast_dev_run") == "debug_fast_dev_run_bf16"
     assert name("quant=quest_w4a4", "quant.bits=3") == "quest_w3a3"
     assert compose("quant=bf16").run_name == "bf16"
+
+
+def test_every_planned_job_is_composed_with_the_experiments_own_sweep(monkeypatch, tmp_path):
+    """The plan and the resume check see each job as it runs: an experiment that sweeps a group itself
+    (``scaling_law``: model=tiny_l1,tiny,tiny_l3 in ``hydra.sweeper.params``) must not have its first job composed
+    from the command line alone (that job was planned and checked with the default model and max_steps)."""
+    from omegaconf import OmegaConf
+
+    from quest_pl.cli import precheck
+    from quest_pl.config.budget import budgeted_max_steps
+    from quest_pl.sweep_plan import read_plan, register_resolvers
+    from tests.conftest import compose
+
+    register_resolvers()
+    monkeypatch.chdir(tmp_path)
+    sweep = tmp_path / "ladder"
+    precheck(["experiment=scaling_law", f"hydra.sweep.dir={sweep}"])
+    plan = read_plan(sweep)
+    for job in plan["jobs"]:
+        cfg = compose("experiment=scaling_law", *job["overrides"])
+        assert job["max_steps"] == budgeted_max_steps(cfg), job  # the token budget's steps, not trainer.max_steps
+    assert len({j["max_steps"] for j in plan["jobs"]}) == 3  # one budget per size
+    # a resume checks job 0 against the config it ran with: the same, so it is accepted
+    first = plan["jobs"][0]
+    (sweep / first["dir"] / ".hydra").mkdir(parents=True)
+    OmegaConf.save(
+        compose("experiment=scaling_law", *first["overrides"]), sweep / first["dir"] / ".hydra" / "config.yaml"
+    )
+    precheck([f"sweep.resume={sweep}"])
+
+
+@pytest.mark.slow
+def test_ctrl_c_after_training_leaves_the_job_interrupted_not_failed(tmp_path):
+    """A Ctrl-C that reaches a job after its last step (Lightning then stops at once, status 1) is an interrupt:
+    exit 130, the job 'interrupted' with its last.ckpt, the resume command printed; not a failed job."""
+    args = [a for a in SWEEP if not a.startswith("quant=")]
+    result = run(
+        *args, "quant=bf16", "seeds=[0]", f"hydra.sweep.dir={tmp_path}", fault="0_bf16_s0:0:ctrl-c-after-training"
+    )
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert f"finish it with: python run.py sweep.resume={tmp_path}" in result.stderr
+    job = states(tmp_path)["0_bf16_s0"]
+    assert job["status"] == "interrupted" and job["checkpoint"], job

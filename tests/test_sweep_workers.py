@@ -251,3 +251,105 @@ def test_without_the_report_callback_the_sweep_still_waits_for_its_jobs(tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     assert [j["status"] for j in job_states(tmp_path)] == ["ok", "ok"]
     assert not (tmp_path / "summary.csv").exists()
+
+
+def test_a_job_killed_by_sigterm_before_its_training_stops_the_sweep(tmp_path):
+    """SIGTERM to a job's process before its training installs the handler (data preparation, model build) ends it
+    by the default action. That job was interrupted on its own, as one in training that exits 143: the sweep stops
+    (its other job gets SIGTERM, no new job starts, exit 143), as a sequential sweep's process dies of the same signal.
+    It is not a failure the sweep goes on after."""
+    result = pool(
+        tmp_path,
+        2,
+        """
+        def preparing():
+            time.sleep(0.5)
+            os.kill(os.getpid(), signal.SIGTERM)  # the default handler: the process dies of it
+            time.sleep(60)
+        def training():
+            on_term(143)
+            time.sleep(3)
+            return 0
+        pool.start(out / "preparing", preparing)
+        pool.start(out / "training", training)
+        try:
+            pool.start(out / "third", lambda: (out / "third").write_text("ran"))
+            pool.wait()
+            finish({"exit": None})
+        except SystemExit as e:
+            pool.wait()
+            finish({"exit": e.code})
+    """,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["ended"] == [["preparing", "interrupted", None], ["training", "interrupted", None]]
+    assert report["exit"] == 143
+    assert not (tmp_path / "third").exists()
+
+
+def test_ctrl_c_while_the_last_jobs_run_writes_no_report(tmp_path):
+    """Ctrl-C while the sweep's process waits in the report callback for its last jobs: the jobs save and the sweep
+    stops without writing the report (nor running its PTQ or the scaling fit), as a sequential sweep interrupted in
+    its last job does, and as SIGTERM at the same moment does."""
+    result = pool(
+        tmp_path,
+        2,
+        """
+        import threading
+        from omegaconf import OmegaConf
+        import quest_pl.report
+        from quest_pl.sweep import SweepReport
+        calls = []
+        quest_pl.report.write_report = lambda *a, **k: calls.append(str(a))
+        def saving():
+            signal.signal(signal.SIGINT, lambda *a: os._exit(130))  # training: save, exit 130
+            time.sleep(60)
+        pool.start(out / "last", saving)
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+        try:
+            SweepReport(ptq=False).on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(out)}}}))
+            outcome = "returned"
+        except (KeyboardInterrupt, SystemExit) as e:
+            outcome = type(e).__name__
+        finish({"report_calls": len(calls), "outcome": outcome})
+    """,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["ended"] == [["last", "interrupted", None]]
+    assert report["report_calls"] == 0, report
+
+
+def test_usable_cpus_follow_a_containers_quota(tmp_path):
+    from quest_pl.workers import usable_cpus
+
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cpus(tmp_path) == affinity  # no cgroup files: the affinity
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert usable_cpus(tmp_path) == affinity
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # --cpus=1.5: one whole core
+    assert usable_cpus(tmp_path) == 1
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")  # cgroup v1, no quota
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert usable_cpus(tmp_path) == affinity
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    assert usable_cpus(tmp_path) == 1
+
+
+def test_a_jobs_printed_lines_carry_its_name():
+    import io
+
+    from quest_pl.workers import _PrefixedStream
+
+    out = io.StringIO()
+    stream = _PrefixedStream(out, "[3_quest_w4a4_s0] ")
+    stream.write("step 1")
+    stream.write(" done\n\nCtrl-C: stopping\nprogress 10%\rprogress 20%\r")
+    assert out.getvalue() == (
+        "[3_quest_w4a4_s0] step 1 done\n\n[3_quest_w4a4_s0] Ctrl-C: stopping\n"
+        "[3_quest_w4a4_s0] progress 10%\r[3_quest_w4a4_s0] progress 20%\r"
+    )
+    assert stream.getvalue() == out.getvalue()  # everything else is the stream's own

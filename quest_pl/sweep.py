@@ -190,7 +190,10 @@ def start_job(cfg: DictConfig, run_dir: Path, echo, workers: int = 1) -> DictCon
     i = launch.index(run_dir.name) + 1 if run_dir.name in launch else len(_progress["durations"]) + 1
     n = len(launch) or i
     state = sweep_plan.job_state(run_dir)
-    label = f"job {i} of {n}: {cfg.run_name} seed {cfg.seed}"
+    # the swept values the arm name and seed do not show (a scaling ladder's model, a token budget)
+    job = next((j for j in plan["jobs"] if j.get("dir") == run_dir.name), {})
+    extra = [o for o in job.get("overrides", []) if _key(o) not in ("quant", "seed")]
+    label = f"job {i} of {n}: {cfg.run_name} seed {cfg.seed}" + (f" [{' '.join(extra)}]" if extra else "")
     if _progress["started"] is None:
         _progress["started"] = time.monotonic()
     if state["status"] in sweep_plan.FINISHED:

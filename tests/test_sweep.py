@@ -238,6 +238,13 @@ def test_every_planned_job_is_composed_with_the_experiments_own_sweep(monkeypatc
         compose("experiment=scaling_law", *first["overrides"]), sweep / first["dir"] / ".hydra" / "config.yaml"
     )
     precheck([f"sweep.resume={sweep}"])
+    # each job's line names the swept values its arm and seed do not show
+    from quest_pl.sweep import start_job
+
+    lines = []
+    last = plan["jobs"][-1]
+    start_job(compose("experiment=scaling_law", *last["overrides"]), sweep / last["dir"], lines.append)
+    assert lines == [f"job 9 of 9: {last['arm']} seed 0 [model=tiny_l3] (sweep ETA after this job)"]
 
 
 @pytest.mark.slow

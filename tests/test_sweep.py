@@ -244,7 +244,7 @@ def test_every_planned_job_is_composed_with_the_experiments_own_sweep(monkeypatc
     lines = []
     last = plan["jobs"][-1]
     start_job(compose("experiment=scaling_law", *last["overrides"]), sweep / last["dir"], lines.append)
-    assert lines == [f"job 9 of 9: {last['arm']} seed 0 [model=tiny_l3] (sweep ETA after this job)"]
+    assert len(lines) == 1 and lines[0].startswith(f"job 9 of 9: {last['arm']} seed 0 [model=tiny_l3] (sweep ETA ")
 
 
 @pytest.mark.slow

@@ -152,21 +152,20 @@ def sweep_job(cfg: DictConfig, run_dir: Path) -> float | None:
         if job_cfg.trainer.get("enable_progress_bar") is None:  # lines, not bars: several jobs share the console
             with open_dict(job_cfg):
                 job_cfg.trainer.enable_progress_bar = False
-        jobs.start(run_dir, lambda: JOB_EXIT[run_sweep_job(job_cfg, run_dir, parallel=True)])
+        jobs.start(run_dir, lambda: JOB_EXIT[run_sweep_job(job_cfg, run_dir, parallel=True)[0]])
         return None
-    value: list = []
-    status = run_sweep_job(job_cfg, run_dir, value=value)
+    status, value = run_sweep_job(job_cfg, run_dir)
     job_ended(run_dir, status, None, None)
-    return value[0] if value else None
+    return value
 
 
 # A sweep job's status -> the exit status of its process under sweep.workers > 1 (quest_pl.workers reads it back)
 JOB_EXIT = {"ok": 0, "failed": EXIT_FAILED, "diverged": EXIT_DIVERGED}
 
 
-def run_sweep_job(cfg: DictConfig, run_dir: Path, parallel: bool = False, value: list | None = None) -> str:
-    """Run a sweep's job; its status: ``ok``, ``diverged`` or ``failed`` (recorded in its ``metrics.json``, the
-    sweep goes on). An interrupted job raises ``SystemExit`` (130 or 143) after its ``last.ckpt``."""
+def run_sweep_job(cfg: DictConfig, run_dir: Path, parallel: bool = False) -> tuple[str, float | None]:
+    """Run a sweep's job; its status (``ok``, ``diverged`` or ``failed``: recorded in its ``metrics.json``, the sweep
+    goes on) and final val/loss. An interrupted job raises ``SystemExit`` (130 or 143) after its ``last.ckpt``."""
     from hydra.core.hydra_config import HydraConfig
 
     from quest_pl import sweep
@@ -179,15 +178,13 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, parallel: bool = False, value:
                 echo(f"sweep interrupted; finish it with: {sweep.resume_command(run_dir.parent)}", error=True)
             raise
         sweep.record_failure(run_dir, RuntimeError(f"exit status {e.code}"))
-        return "failed"
+        return "failed", None
     except Exception as e:
         log.exception("job %s failed", run_dir.name)
         echo(f"error: job {run_dir.name} failed ({type(e).__name__}: {e}); the sweep goes on", error=True)
         sweep.record_failure(run_dir, e)
-        return "failed"
-    if value is not None:
-        value.append(result)
-    return "diverged" if str(run_dir) in _state["diverged"] else "ok"
+        return "failed", None
+    return ("diverged" if str(run_dir) in _state["diverged"] else "ok"), result
 
 
 def job_ended(run_dir: Path, status: str, seconds: float | None, error: str | None) -> None:

@@ -117,13 +117,12 @@ def text_file_loss(
 
 def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> dict:
     """Evaluate ``cfg.eval.from`` (see the module docstring); returns and writes the metrics."""
-    import lightning as L
 
     from quest_pl.data.run import check_model_overrides, data_config, find_tokenizer, load_tokenizer
     from quest_pl.export import module_from_checkpoint
     from quest_pl.io import atomic_write_json
     from quest_pl.ptq import load_checkpoint
-    from quest_pl.train import resolve_precision, validation_datamodule
+    from quest_pl.train import validation_datamodule, validation_trainer
 
     start = time.perf_counter()
     overrides = list(overrides or [])
@@ -174,19 +173,7 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None =
         data_cfg = data_config(cfg, ckpt_path, key, overrides, model_hp["vocab_size"])
         data_cfg = OmegaConf.merge(data_cfg, {"model": {"seq_len": model_hp["seq_len"]}})
         dm = validation_datamodule(data_cfg, model_hp["vocab_size"], f"eval.from={ckpt_path!r}")
-        from quest_pl.module import silence_known_warnings
-
-        silence_known_warnings()
-        trainer = L.Trainer(
-            accelerator=accelerator,
-            devices=1,
-            precision=resolve_precision(precision, accelerator),
-            logger=False,
-            enable_progress_bar=bool(cfg.trainer.enable_progress_bar),
-            enable_model_summary=False,
-            enable_checkpointing=False,
-            default_root_dir=str(run_dir),
-        )
+        trainer = validation_trainer(accelerator, precision, run_dir, bool(cfg.trainer.enable_progress_bar))
         results = trainer.validate(module, datamodule=dm, verbose=False)[0]
         source = data_cfg.data.source
         metrics |= {"val/loss": float(results["val/loss"]), "val/ppl": float(results["val/ppl"]),

@@ -35,6 +35,23 @@ def resolve_precision(precision: str | None, accelerator: str) -> str:
     return precision
 
 
+def validation_trainer(accelerator: str, precision: str | None, run_dir: str | Path, progress_bar: bool = False):
+    """A Trainer that only validates a checkpoint's module (evaluation, PTQ): one device, no logger, no checkpoints."""
+    import lightning as L
+
+    silence_known_warnings()
+    return L.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        precision=resolve_precision(precision, accelerator),
+        logger=False,
+        enable_progress_bar=progress_bar,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=str(run_dir),
+    )
+
+
 def build_datamodule(cfg: DictConfig):
     from quest_pl.data import LMDataModule
 

@@ -27,6 +27,7 @@ progress in lines, never a terminal bar (two bars would overwrite each other).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -40,8 +41,6 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from quest_pl.config import ConfigError
-
-log = logging.getLogger(__name__)
 
 KEY = "sweep.workers"
 AUTO = "auto"
@@ -94,6 +93,7 @@ def sequential_reason(cfg: DictConfig) -> str | None:
     return None
 
 
+@functools.cache
 def _cuda_available() -> bool:
     import torch
 

@@ -78,9 +78,8 @@ def evaluate(
 ) -> dict:
     """PTQ a checkpoint and evaluate it on the validation split of ``data_cfg`` (a config with ``data``,
     ``model.seq_len``, ``seed``, ``trainer``) exactly as training validates; returns and writes ``metrics.json``."""
-    import lightning as L
 
-    from quest_pl.train import resolve_precision, validation_datamodule
+    from quest_pl.train import validation_datamodule, validation_trainer
 
     start = time.perf_counter()
     run_dir = Path(run_dir)
@@ -103,19 +102,7 @@ def evaluate(
         )  # fmt: skip
     else:
         quantize_model_ptq(module.model, ptq)
-    from quest_pl.module import silence_known_warnings
-
-    silence_known_warnings()
-    trainer = L.Trainer(
-        accelerator=accelerator,
-        devices=1,
-        precision=resolve_precision(precision, accelerator),
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=str(run_dir),
-    )
+    trainer = validation_trainer(accelerator, precision, run_dir)
     results = trainer.validate(module, datamodule=dm, verbose=False)[0]
     step = int(ckpt.get("global_step", 0))
     metrics = {
